@@ -1,0 +1,145 @@
+"""Causal self-attention with the paper's learnable temperature and entropy penalty.
+
+Head h of layer l divides its logits in query row i by t[h, i] * sqrt(d_k) (paper Section 2,
+"SM(t)"). Because that is a per-row scale, we fold it into q before the core: scores = q' k^T with
+q'_i = q_i / (t_i sqrt(d_k)). The attention *core* then only needs (q', k, v) and returns the
+context and, when asked, every row's entropy in fp32. Cores:
+  eager  materialises the probabilities (or uses PyTorch SDPA when no entropy is needed);
+  fused  never materialises T x T (model/fused_attention.py: blocked CPU autograd / Triton);
+  auto   fused where it pays off (CUDA, or long sequences), eager elsewhere.
+Under tensor parallelism each rank owns H / tp heads: their Q/K/V columns, their temperature rows
+and their thresholds theta; its penalty covers only those heads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_entropy.model.entropy import head_penalties
+from megatron_entropy.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron_entropy.parallel.mappings import copy_to_tp_region
+
+log = logging.getLogger(__name__)
+MIN_TEMPERATURE = 1e-4  # the raw temperature is clamped here in the forward (ambiguity A1)
+FUSED_AUTO_MIN_SEQ = 512  # on CPU the blocked core beats materialisation from about here
+
+
+def eager_core(q, k, v, causal: bool = True, need_entropy: bool = True):
+    """Reference core. q already carries every logit scale. Returns (context, entropy | None)."""
+    if not need_entropy:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0), None
+    scores = q.float() @ k.float().transpose(-1, -2)
+    if causal:
+        T = scores.shape[-1]
+        allowed = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None])
+    # H_i = lse_i - sum_j p_ij s_ij; masked entries have p = 0 and must not contribute -inf * 0.
+    finite_scores = scores.masked_fill(~allowed, 0.0) if causal else scores
+    entropy = lse - (probs * finite_scores).sum(dim=-1)
+    return (probs.to(v.dtype) @ v), entropy
+
+
+_warned: set[str] = set()
+
+
+def _fused_core():
+    try:
+        from megatron_entropy.model.fused_attention import fused_entropy_attention
+    except ImportError as e:  # pragma: no cover - only when the fused module is unavailable
+        if "fused" not in _warned:
+            _warned.add("fused")
+            log.warning("fused attention core unavailable (%s); falling back to eager", e)
+        return None
+    return fused_entropy_attention
+
+
+def attention_core(name: str, q, k, v, need_entropy: bool):
+    """Dispatch to the configured core; 'fused' and 'auto' fall back to eager, saying so once."""
+    use_fused = name == "fused" or (name == "auto" and need_entropy and (q.is_cuda or q.shape[-2] >= FUSED_AUTO_MIN_SEQ))
+    if use_fused and need_entropy:
+        fused = _fused_core()
+        if fused is not None:
+            return fused(q, k, v, causal=True)
+    elif name == "fused" and "no-entropy" not in _warned:
+        _warned.add("no-entropy")
+        log.info("attention_core=fused: no entropy needed on this step, using SDPA")
+    return eager_core(q, k, v, causal=True, need_entropy=need_entropy)
+
+
+class ParallelSelfAttention(nn.Module):
+    def __init__(self, cfg, spec, state, layer_number: int, seed: int):
+        super().__init__()
+        d, H = cfg.hidden_size, cfg.num_heads
+        self.state, self.layer_number, self.core = state, layer_number, cfg.attention_core
+        self.num_heads, self.heads_local, self.head_dim = H, H // state.tp_size, d // H
+        self.head_offset = state.tp_rank * self.heads_local
+        normalized = spec.normalized_linears
+        stabilizer = spec.ffn_stabilizer
+
+        def column(name, bias):
+            return ColumnParallelLinear(
+                d, d, state=state, bias=bias, copy_input=False, init_std=cfg.init_std, seed=seed,
+                normalization=stabilizer if name in normalized else "none",
+                name=f"layers.{layer_number}.attention.{name}",
+            )
+
+        self.q, self.k, self.v = column("q", cfg.qk_bias), column("k", cfg.qk_bias), column("v", False)
+        self.o = RowParallelLinear(
+            d, d, state=state, bias=False, init_std=cfg.init_std, seed=seed,
+            normalization=stabilizer if "o" in normalized else "none",
+            name=f"layers.{layer_number}.attention.o",
+        )
+        self.temperature = None
+        if spec.learnable_temperature:
+            self.temperature = nn.Parameter(torch.full((self.heads_local, cfg.seq_length), cfg.temperature_init))
+            self.temperature.partition_dim, self.temperature.no_weight_decay = 0, True
+        self.theta = None
+        if spec.entropy_reg:
+            self.theta = nn.Parameter(torch.full((self.heads_local,), cfg.entropy_threshold_init))
+            self.theta.partition_dim, self.theta.no_weight_decay = 0, True
+        self.reg = dict(coeff=cfg.entropy_reg_coeff, tolerance=cfg.entropy_tolerance,
+                        reduction=cfg.entropy_reduction, reference_tokens=cfg.entropy_reference_tokens,
+                        num_layers=cfg.num_layers)
+
+    def row_scale(self, T: int) -> torch.Tensor:
+        """[heads_local, T] factor multiplying each query row's logits: 1 / (t * sqrt(d_k))."""
+        base = 1.0 / math.sqrt(self.head_dim)
+        if self.temperature is None:
+            return torch.full((self.heads_local, T), base)
+        return base / self.temperature[:, :T].clamp_min(MIN_TEMPERATURE)
+
+    def forward(self, x: torch.Tensor, stats=None):
+        """x [b, T, d] (replicated) -> (output [b, T, d], lambda-weighted penalty or None)."""
+        b, T, _ = x.shape
+        x = copy_to_tp_region(x, self.state.tp_group)
+
+        def heads(t):
+            return t.view(b, T, self.heads_local, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        scale = self.row_scale(T).to(device=q.device)
+        q = q * scale.to(q.dtype)[None, :, :, None]
+        want_penalty = self.theta is not None and self.training
+        want_stats = stats is not None and stats.active
+        context, entropy = attention_core(self.core, q, k, v, need_entropy=want_penalty or want_stats)
+        out = self.o(context.transpose(1, 2).reshape(b, T, self.heads_local * self.head_dim))
+
+        penalty = None
+        if entropy is not None:
+            if want_stats:
+                stats.record(self.layer_number, self.head_offset, entropy)
+            if want_penalty:
+                per_head = head_penalties(entropy, self.theta, math.log(T), self.reg["tolerance"],
+                                          self.reg["reduction"], self.reg["reference_tokens"])
+                # (1/H) sum over heads and (1/L) over layers, with the *global* H and L.
+                penalty = self.reg["coeff"] * per_head.sum() / (self.num_heads * self.reg["num_layers"])
+                if want_stats:
+                    stats.record_penalty(penalty)
+        return out, penalty
