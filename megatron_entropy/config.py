@@ -121,7 +121,9 @@ class LoggingConfig:
     wandb: str = "auto"  # auto (online with WANDB_API_KEY, else offline) | online | offline | off
     wandb_project: str = "megatron_entropy"
     progress_bar: bool = True
-    heatmap: bool = True
+    figures: bool = True  # entropy figures (PNG) in the run directory at the end
+    collapse_fraction: float = 0.1  # alarm: a layer's mean entropy below this x log T
+    overload_share: float = 0.5  # alarm: share of heads in the top entropy bin above this
 
 
 @dataclass
