@@ -79,7 +79,8 @@ def print_tables(results: list[dict], fit: dict) -> None:
                  f"{r['comm_gb_est']:.2f}", f"{r['latency_min_est']:.2f}",
                  f"{r['comm_saving']:.2f}x", f"{r['latency_saving']:.2f}x") for r in result["rows"]]
         _print_table(header, rows)
-        print("  ln_f = the final LayerNorm, never counted (as in the paper); comm/latency are model estimates")
+        print("  ln_f = the final LayerNorm, never counted (as in the paper); comm/latency are model estimates,\n"
+              "  fitted at GPT-2 small shapes (d=768, H=12, T=128..512, L=12..18): far from them they extrapolate")
     print(f"\nPI cost model fit to the paper's BumbleBee numbers ({fit['measurements']} distinct measurements, "
           f"{fit['parameters']} non-negative coefficients; LOO = refitted without that configuration)")
     header = ("table", "variant", "L", "T", "comm GB", "est", "err", "LOO err", "lat min", "est", "err", "LOO err")

@@ -104,8 +104,10 @@ def format_flops(flops: float) -> str:
 
     The paper rounds to 0.01B first and then to 0.1B, half up: the fused FFN at T=512 is
     7.2478B, printed 7.3B (via 7.25B; plain rounding gives 7.2B). Every other entry of Tables 3,
-    4, 7, 8 comes out the same either way.
+    4, 7, 8 comes out the same either way. Below 1B FLOPs: millions ('12.6M').
     """
+    if flops < 1e9:
+        return f"{flops / 1e6:.1f}M"
     hundredths = Decimal(flops / 1e9).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
     return f"{hundredths.quantize(Decimal('0.1'), rounding=ROUND_HALF_UP)}B"
 
