@@ -1,0 +1,186 @@
+"""Training samples and their order.
+
+`TokenChunkDataset` treats all shards as one token stream and cuts it into fixed windows of
+seq_length + 1 tokens (neighbouring windows share one token: the last label of sample i is the
+first input of sample i+1). Documents are separated by EOS, not padded.
+
+`GlobalBatchSampler` decides which samples form each global batch: a fresh permutation per epoch
+from (seed, epoch), so the order depends only on (seed, num_samples) and the number of samples
+consumed so far. A resumed run given the same state continues with exactly the same indices,
+and `slice_for_rank` splits one global batch over data-parallel ranks and micro-batches
+without changing which samples the global batch holds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from megatron_entropy.data import DataError
+from megatron_entropy.data.indexed import IndexedTokens
+
+
+class TokenChunkDataset:
+    """Sample i = tokens[i*T : i*T + T + 1] of the concatenated shards, as int64.
+
+    `expected_vocab_size` is the tokenizer's true vocabulary size (not the model's padded one);
+    `expected_tokenizer_identity` is `Tokenizer.identity`. A mismatch with the shards is an error.
+    """
+
+    def __init__(self, prefixes, seq_length: int, expected_vocab_size: int | None = None,
+                 expected_tokenizer_identity: str | None = None, check_tokens: bool = True):
+        if isinstance(prefixes, str):
+            prefixes = [prefixes]
+        if not prefixes:
+            raise DataError("no token shards given; pass at least one shard prefix")
+        if seq_length < 1:
+            raise DataError(f"seq_length must be >= 1, got {seq_length}")
+        self.seq_length = int(seq_length)
+        self.shards = [IndexedTokens(prefix, check_tokens=check_tokens) for prefix in prefixes]
+        self._check_tokenizer(expected_vocab_size, expected_tokenizer_identity)
+        self.vocab_size = self.shards[0].vocab_size
+        self.tokenizer_identity = self.shards[0].tokenizer_identity
+
+        sizes = [shard.num_tokens for shard in self.shards]
+        # shard_starts[k] = position of shard k's first token in the concatenated stream
+        self.shard_starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.num_tokens = int(self.shard_starts[-1])
+        self.num_samples = max(0, (self.num_tokens - 1) // self.seq_length)
+        if self.num_samples == 0:
+            raise DataError(f"token shards {', '.join(s.prefix for s in self.shards)} hold "
+                            f"{self.num_tokens} tokens, fewer than one sample of seq_length + 1 = "
+                            f"{self.seq_length + 1}; use more data or a shorter seq_length")
+
+    def _check_tokenizer(self, expected_vocab_size, expected_identity) -> None:
+        """Every shard must match the expected tokenizer and, in any case, the first shard."""
+
+        def described(vocab, identity):
+            parts = [f"vocab {vocab}"] if vocab is not None else []
+            parts += [f"(identity {identity[:12]}…)"] if identity is not None else []
+            return " ".join(parts)
+
+        first = self.shards[0]
+        expected = described(expected_vocab_size, expected_identity)
+        for shard in self.shards:
+            if (expected_vocab_size is not None and shard.vocab_size != expected_vocab_size) or \
+                    (expected_identity is not None and shard.tokenizer_identity != expected_identity):
+                other = f"the model/tokenizer uses {expected}"
+            elif (shard.vocab_size, shard.tokenizer_identity) != \
+                    (first.vocab_size, first.tokenizer_identity):
+                other = f"shard {first.prefix} uses {described(first.vocab_size, first.tokenizer_identity)}"
+            else:
+                continue
+            raise DataError(f"token shards at {shard.prefix} were made with a tokenizer of "
+                            f"{described(shard.vocab_size, shard.tokenizer_identity)} but {other}; "
+                            "re-run tools/preprocess_data.py with --tokenizer set to the training "
+                            "tokenizer")
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = int(i)
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range [0, {self.num_samples})")
+        start, stop = i * self.seq_length, i * self.seq_length + self.seq_length + 1
+        first = int(np.searchsorted(self.shard_starts, start, side="right")) - 1
+        pieces = []
+        k = first
+        while start < stop:  # a window may span the end of one shard and the start of the next
+            shard_begin = int(self.shard_starts[k])
+            shard_end = int(self.shard_starts[k + 1])
+            take_to = min(stop, shard_end)
+            if take_to > start:
+                pieces.append(self.shards[k].tokens[start - shard_begin:take_to - shard_begin])
+            start = take_to
+            k += 1
+        return np.concatenate(pieces).astype(np.int64)
+
+
+class GlobalBatchSampler:
+    """Deterministic global batches of sample indices across epochs.
+
+    Epoch e visits all samples in the order np.random.default_rng([seed, e]).permutation(n).
+    Batches run straight across epoch boundaries, so every global batch is full.
+    """
+
+    def __init__(self, num_samples: int, global_batch_size: int, seed: int,
+                 consumed_samples: int = 0):
+        if num_samples < 1:
+            raise DataError(f"num_samples must be >= 1, got {num_samples}")
+        if global_batch_size < 1:
+            raise DataError(f"global_batch_size must be >= 1, got {global_batch_size}")
+        if consumed_samples < 0:
+            raise DataError(f"consumed_samples must be >= 0, got {consumed_samples}")
+        self.num_samples = int(num_samples)
+        self.global_batch_size = int(global_batch_size)
+        self.seed = int(seed)
+        self.consumed_samples = int(consumed_samples)
+        self._epoch = -1
+        self._order = None
+
+    @property
+    def epoch(self) -> int:
+        return self.consumed_samples // self.num_samples
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:  # keep one permutation: batches move through epochs in order
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+            self._epoch = epoch
+        return self._order
+
+    def next_global_batch(self) -> np.ndarray:
+        """The next global_batch_size sample indices (int64); advances consumed_samples."""
+        batch = []
+        needed = self.global_batch_size
+        while needed:
+            epoch, position = divmod(self.consumed_samples, self.num_samples)
+            taken = self._epoch_order(epoch)[position:position + needed]
+            batch.append(taken)
+            self.consumed_samples += taken.size
+            needed -= taken.size
+        return np.concatenate(batch).astype(np.int64)
+
+    def state_dict(self) -> dict:
+        return {"num_samples": self.num_samples, "global_batch_size": self.global_batch_size,
+                "seed": self.seed, "consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved state. The global batch size may change (e.g. batch ramp-up);
+        a different seed or number of samples would not be a continuation, so it is an error."""
+        for key in ("num_samples", "seed"):
+            if int(state[key]) != getattr(self, key):
+                raise DataError(f"sampler state has {key}={state[key]} but this run has "
+                                f"{key}={getattr(self, key)}; resume with the same data and seed "
+                                "or start without the saved data state")
+        self.consumed_samples = int(state["consumed_samples"])
+
+
+def slice_for_rank(global_indices, dp_rank: int, dp_size: int, micro_batch_size: int) -> list:
+    """This data-parallel rank's micro-batches of one global batch.
+
+    Rank r takes the contiguous block global[r*n:(r+1)*n], n = len(global) // dp_size, and cuts
+    it into micro-batches in order; the union over ranks and micro-batches is the global batch.
+    """
+    global_indices = np.asarray(global_indices)
+    total = global_indices.shape[0]
+    if dp_size < 1 or not 0 <= dp_rank < dp_size:
+        raise DataError(f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
+    if total % dp_size:
+        raise DataError(f"global batch of {total} samples does not divide over {dp_size} "
+                        "data-parallel ranks; make global_batch_size a multiple of the DP size")
+    per_rank = total // dp_size
+    if micro_batch_size < 1 or per_rank % micro_batch_size:
+        raise DataError(f"{per_rank} samples per rank do not split into micro-batches of "
+                        f"{micro_batch_size}; make global_batch_size = micro_batch_size x DP x "
+                        "gradient accumulation steps")
+    mine = global_indices[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    return [mine[start:start + micro_batch_size] for start in range(0, per_rank, micro_batch_size)]
+
+
+def collate(dataset: TokenChunkDataset, indices):
+    """(inputs, labels) as torch.LongTensor[b, T]: labels are inputs shifted by one token."""
+    import torch  # kept local: preprocessing workers import this package without needing torch
+
+    samples = np.stack([dataset[int(i)] for i in indices])
+    batch = torch.from_numpy(samples)
+    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
