@@ -47,6 +47,7 @@ class ModelConfig:
     entropy_reg: bool | None = None
     # Initial values and coefficients (paper.md sections 2-3, ambiguities A1, A5, A6).
     temperature_init: float = 1e-2  # CodeParrot 1e-2, Languini 1e-1
+    temperature_param: str = "log"  # log: learn log t (t > 0 always) | raw: learn t, clamped >= 1e-4
     alpha_init: float = 1.0
     beta_init: float = 1.0
     entropy_reg_coeff: float = 1e-5  # lambda
@@ -111,7 +112,8 @@ class TrainConfig:
     eval_iters: int = 8  # validation micro-batches per evaluation; 0: the whole split
     save_interval: int = 0  # steps between checkpoints; 0: only at the end
     save_dir: str | None = None  # None: <run_dir>/checkpoints; "" disables checkpoints
-    keep_last: int = 2
+    keep_last: int = 2  # checkpoints kept in save_dir (0: all)
+    resume: str = ""  # "" start fresh | auto: continue from <save_dir>/latest if any | a checkpoint path
 
 
 @dataclass
@@ -163,6 +165,7 @@ class Config:
         _check(m.entropy_reg_coeff >= 0, f"model.entropy_reg_coeff={m.entropy_reg_coeff} must be >= 0 (it is the penalty weight lambda)")
         _check(m.entropy_tolerance >= 0, f"model.entropy_tolerance={m.entropy_tolerance} must be >= 0 (gamma)")
         _check(m.temperature_init > 0, f"model.temperature_init={m.temperature_init} must be > 0")
+        _check(m.temperature_param in ("log", "raw"), f"model.temperature_param={m.temperature_param!r} must be log or raw")
         _check(m.alpha_init != 0, "model.alpha_init must be non-zero (the FFN output is divided by alpha)")
         _check(m.entropy_reduction in ("token_mean", "paper_sum"), f"model.entropy_reduction={m.entropy_reduction!r} must be token_mean or paper_sum")
         _check(m.attention_core in ("auto", "eager", "fused"), f"model.attention_core={m.attention_core!r} must be auto, eager or fused")
@@ -222,6 +225,8 @@ def _coerce(value, annotation, key: str):
     if annotation is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
         raise ConfigError(f"{key}={value!r} must be true or false")
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
@@ -232,6 +237,8 @@ def _coerce(value, annotation, key: str):
             raise ConfigError(f"{key}={value!r} must be a finite number")
         return float(value)
     if annotation is str:
+        if isinstance(value, bool):  # YAML 1.1 reads `off` / `on` as booleans
+            return "on" if value else "off"
         return str(value)
     raise ConfigError(f"{key}: unsupported type {annotation}")  # pragma: no cover
 

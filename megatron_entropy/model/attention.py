@@ -38,11 +38,14 @@ def eager_core(q, k, v, causal: bool = True, need_entropy: bool = True):
         T = scores.shape[-1]
         allowed = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None])
-    # H_i = lse_i - sum_j p_ij s_ij; masked entries have p = 0 and must not contribute -inf * 0.
-    finite_scores = scores.masked_fill(~allowed, 0.0) if causal else scores
-    entropy = lse - (probs * finite_scores).sum(dim=-1)
+    log_probs = torch.log_softmax(scores, dim=-1)
+    probs = log_probs.exp()
+    # H_i = -sum_j p_ij log p_ij. Each log p <= 0 in floating point, so H >= 0 even for the very
+    # sharp rows a small temperature makes (lse - sum p s would cancel catastrophically there).
+    # Masked entries have p = 0 and must not contribute 0 * -inf.
+    if causal:
+        log_probs = log_probs.masked_fill(~allowed, 0.0)
+    entropy = -(probs * log_probs).sum(dim=-1)
     return (probs.to(v.dtype) @ v), entropy
 
 
@@ -96,10 +99,18 @@ class ParallelSelfAttention(nn.Module):
             normalization=stabilizer if "o" in normalized else "none",
             name=f"layers.{layer_number}.attention.o",
         )
-        self.temperature = None
+        # t[h, i] as a raw parameter (the paper's literal reading, clamped) or as log t. With the
+        # raw form and t0 = 1e-2, one Adam step of lr ~1e-3 moves t by ~10% and a few steps drive
+        # it through zero; the log form takes relative steps and keeps t > 0 (ambiguity A1).
+        self.temperature = self.log_temperature = None
         if spec.learnable_temperature:
-            self.temperature = nn.Parameter(torch.full((self.heads_local, cfg.seq_length), cfg.temperature_init))
-            self.temperature.partition_dim, self.temperature.no_weight_decay = 0, True
+            shape = (self.heads_local, cfg.seq_length)
+            if cfg.temperature_param == "log":
+                self.log_temperature = nn.Parameter(torch.full(shape, math.log(cfg.temperature_init)))
+            else:
+                self.temperature = nn.Parameter(torch.full(shape, cfg.temperature_init))
+            param = self.log_temperature if self.log_temperature is not None else self.temperature
+            param.partition_dim, param.no_weight_decay = 0, True
         self.theta = None
         if spec.entropy_reg:
             self.theta = nn.Parameter(torch.full((self.heads_local,), cfg.entropy_threshold_init))
@@ -108,12 +119,21 @@ class ParallelSelfAttention(nn.Module):
                         reduction=cfg.entropy_reduction, reference_tokens=cfg.entropy_reference_tokens,
                         num_layers=cfg.num_layers)
 
+    def effective_temperature(self) -> torch.Tensor | None:
+        """t[heads_local, seq_length] as the forward uses it (None without SM(t))."""
+        if self.log_temperature is not None:
+            return self.log_temperature.exp()
+        if self.temperature is not None:
+            return self.temperature.clamp_min(MIN_TEMPERATURE)
+        return None
+
     def row_scale(self, T: int) -> torch.Tensor:
         """[heads_local, T] factor multiplying each query row's logits: 1 / (t * sqrt(d_k))."""
         base = 1.0 / math.sqrt(self.head_dim)
-        if self.temperature is None:
+        t = self.effective_temperature()
+        if t is None:
             return torch.full((self.heads_local, T), base)
-        return base / self.temperature[:, :T].clamp_min(MIN_TEMPERATURE)
+        return base / t[:, :T]
 
     def forward(self, x: torch.Tensor, stats=None):
         """x [b, T, d] (replicated) -> (output [b, T, d], lambda-weighted penalty or None)."""

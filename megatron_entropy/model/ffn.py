@@ -41,8 +41,8 @@ class FeedForward(nn.Module):
         self.activation = ACTIVATIONS[spec.activation]
         self.alpha = self.beta = None
         if spec.ffn_stabilizer == "scale":
-            self.alpha = nn.Parameter(torch.tensor(float(cfg.alpha_init)))
-            self.beta = nn.Parameter(torch.tensor(float(cfg.beta_init)))
+            self.alpha = nn.Parameter(torch.tensor([float(cfg.alpha_init)]))  # [1]: DeepSpeed cannot broadcast 0-d
+            self.beta = nn.Parameter(torch.tensor([float(cfg.beta_init)]))
             for p in (self.alpha, self.beta):
                 p.partition_dim, p.no_weight_decay = None, True
 

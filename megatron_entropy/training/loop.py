@@ -1,0 +1,264 @@
+"""The training loop, top to bottom: data, model, engine, steps, evaluation, checkpoints, figures."""
+
+from __future__ import annotations
+
+import math
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_entropy.config import Config, ConfigError, default_cache_dir
+from megatron_entropy.data import DataError
+from megatron_entropy.data.corpus import prepare_default_data
+from megatron_entropy.data.dataset import GlobalBatchSampler, TokenChunkDataset, collate, slice_for_rank
+from megatron_entropy.data.indexed import IndexedTokens
+from megatron_entropy.data.tokenizer import load_tokenizer
+from megatron_entropy.model.entropy import entropy_bins
+from megatron_entropy.model.gpt import GPTModel
+from megatron_entropy.parallel.random import seed_all
+from megatron_entropy.parallel.state import ParallelState
+from megatron_entropy.training import checkpoint
+from megatron_entropy.training.distributed import DistInfo
+from megatron_entropy.training.engine import build_ds_config, initialize, load_ds_config, zero_stage
+from megatron_entropy.training.metrics import MetricsLogger
+from megatron_entropy.training.summaries import parameter_summaries
+
+
+# ----------------------------------------------------------------------------- data
+
+class RunData:
+    """The tokenizer identity and the train / validation datasets of a run."""
+
+    def __init__(self, cfg: Config, log):
+        d, m = cfg.data, cfg.model
+        tokenizer = None
+        if d.train_data:
+            train_prefixes, valid_prefixes = d.train_data, d.valid_data
+            tokenizer = load_tokenizer(d.tokenizer) if d.tokenizer else None
+        else:
+            default = prepare_default_data(d.cache_dir or default_cache_dir(), d.tokenizer_vocab_size,
+                                           d.corpus_max_bytes, log=log)
+            tokenizer = load_tokenizer(default.tokenizer_path)
+            train_prefixes, valid_prefixes = [default.train_prefix], [default.valid_prefix]
+        self.tokenizer_path = tokenizer.path if tokenizer else None
+        self.tokenizer_identity = tokenizer.identity if tokenizer else None
+        vocab = tokenizer.vocab_size if tokenizer else IndexedTokens(train_prefixes[0]).meta["vocab_size"]
+        if m.vocab_size is None:
+            m.vocab_size = vocab
+        elif m.vocab_size < vocab:
+            raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab}; unset it")
+        kwargs = dict(expected_vocab_size=vocab, expected_tokenizer_identity=self.tokenizer_identity)
+        self.train = TokenChunkDataset(train_prefixes, m.seq_length, **kwargs)
+        self.valid = TokenChunkDataset(valid_prefixes, m.seq_length, **kwargs) if valid_prefixes else None
+
+
+# ----------------------------------------------------------------------------- steps
+
+def train_step(engine, model: GPTModel, dataset, micro_batches, device) -> torch.Tensor:
+    """Forward/backward every micro-batch, then one optimizer step. Returns the mean LM loss."""
+    losses = []
+    for indices in micro_batches:
+        inputs, labels = collate(dataset, indices)
+        loss = engine(inputs.to(device), labels.to(device))
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach().float())
+    model.stats.micro_batches += len(micro_batches)
+    return torch.stack(losses).mean()
+
+
+def dp_mean(value: torch.Tensor, state: ParallelState) -> float:
+    value = value.detach().float().clone().cpu()
+    if state.dp_size > 1:
+        dist.all_reduce(value, group=state.dp_group)
+        value /= state.dp_size
+    return float(value)
+
+
+@torch.no_grad()
+def evaluate(engine, model: GPTModel, dataset, cfg: Config, state: ParallelState, device) -> float:
+    """Mean validation loss over the first eval_iters global micro-batches (0: the whole split).
+
+    Every DP rank runs the same number of full micro-batches (indices wrap around a split smaller
+    than one global micro-batch), so collectives inside the model (TP, ZeRO-3) stay matched.
+    """
+    mb, dp = cfg.train.micro_batch_size, state.dp_size
+    per_step = mb * dp
+    steps = math.ceil(len(dataset) / per_step) if cfg.train.eval_iters == 0 else cfg.train.eval_iters
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for s in range(steps):
+        first = s * per_step + state.dp_rank * mb
+        mine = [(first + j) % len(dataset) for j in range(mb)]
+        inputs, labels = collate(dataset, mine)
+        loss = engine(inputs.to(device), labels.to(device))
+        total += torch.tensor([float(loss) * mb, mb], dtype=torch.float64)
+    if dp > 1:
+        dist.all_reduce(total, group=state.dp_group)
+    engine.train()
+    return float(total[0] / total[1])
+
+
+def stats_record(model: GPTModel, cfg: Config, state: ParallelState, seq_length: int) -> dict:
+    """The reduced entropy statistics plus parameter summaries (collective on every rank)."""
+    reduced = model.stats.reduce(state)
+    matrix = reduced["entropy"]
+    record = {
+        "log_T": math.log(seq_length),
+        "entropy": matrix,
+        "entropy_layer_mean": [float(torch.tensor(row).nanmean()) for row in matrix],
+        "entropy_bins": entropy_bins(matrix),
+        "nan_counts": reduced["nan_counts"],
+        "entropy_reg_loss": reduced["entropy_reg_loss"],
+    }
+    record.update(parameter_summaries(model, cfg.model, state))
+    return record
+
+
+# ----------------------------------------------------------------------------- the run
+
+def default_run_dir(cfg: Config) -> str:
+    slug = "".join(c if c.isalnum() else "-" for c in cfg.model.variant).strip("-").lower()
+    return f"runs/{slug}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def broadcast_str(value: str, state: ParallelState) -> str:
+    if state.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run(cfg: Config, ds_config_path: str | None, info: DistInfo) -> dict:
+    state = ParallelState.from_topology(cfg.parallel.tensor, cfg.parallel.pipeline)
+    is_logger = info.rank == 0
+    say = (lambda msg: print(msg, flush=True)) if is_logger else (lambda msg: None)
+    seed_all(cfg.train.seed)
+
+    data = RunData(cfg, say)
+    cfg.validate(info.world_size)
+    ds_config = build_ds_config(cfg, load_ds_config(ds_config_path), info.world_size,
+                                source=ds_config_path or "the DeepSpeed config")
+    run_dir = Path(broadcast_str(cfg.logging.run_dir or default_run_dir(cfg), state))
+    cfg.logging.run_dir = str(run_dir)
+
+    model = GPTModel(cfg.model, state, seed=cfg.train.seed).to(info.device)
+    engine, optimizer, scheduler = initialize(cfg, model, ds_config, state)
+    gas = cfg.grad_accumulation_steps(info.world_size)
+    sampler = GlobalBatchSampler(len(data.train), cfg.train.global_batch_size, seed=cfg.data.seed)
+    save_dir = cfg.train.save_dir if cfg.train.save_dir is not None else str(run_dir / "checkpoints")
+
+    start_step = 0
+    if cfg.train.resume:
+        start_step = checkpoint.resume(engine, sampler, save_dir, cfg.train.resume, say)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"megatron_entropy: {cfg.model.variant} | {cfg.model.num_layers} layers, d={cfg.model.hidden_size}, "
+        f"{cfg.model.num_heads} heads, T={cfg.model.seq_length}, vocab {cfg.model.vocab_size} "
+        f"(padded {model.padded_vocab}) | {n_params / 1e6:.2f}M params on this rank | "
+        f"world {info.world_size} = TP{state.tp_size} x PP{state.pp_size} x DP{state.dp_size}, "
+        f"ZeRO-{zero_stage(ds_config)}, {cfg.train.precision}, grad accumulation {gas} | "
+        f"{len(data.train)} train samples | run dir {run_dir}")
+    logger = MetricsLogger(run_dir, cfg.to_dict(), is_logger, cfg.logging.wandb, cfg.logging.wandb_project,
+                           cfg.train.max_steps, cfg.logging.progress_bar, start_step)
+    alarms = _make_alarms(cfg)
+
+    tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
+    started = window_start = time.perf_counter()
+    window_steps, last_val = 0, None
+    for step in range(start_step + 1, cfg.train.max_steps + 1):
+        log_now = step % cfg.logging.log_interval == 0 or step == cfg.train.max_steps
+        model.stats.reset()
+        model.stats.active = log_now
+        model.aux_scale.value = 1.0 / gas * _loss_scale(engine, cfg)
+        micro = slice_for_rank(sampler.next_global_batch(), state.dp_rank, state.dp_size, cfg.train.micro_batch_size)
+        lm_loss = train_step(engine, model, data.train, micro, info.device)
+        window_steps += 1
+
+        if log_now:
+            lm = dp_mean(lm_loss, state)
+            now = time.perf_counter()
+            record = {"kind": "train", "step": step, "lm_loss": lm, "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": _grad_norm(engine), "tokens": step * tokens_per_step,
+                      "tokens_per_s": window_steps * tokens_per_step / (now - window_start),
+                      "elapsed_s": now - started}
+            record.update(stats_record(model, cfg, state, cfg.model.seq_length))
+            record["loss"] = lm + record["entropy_reg_loss"]
+            logger.log(record)
+            for alarm in alarms.check(step, record["entropy"]) if alarms else []:
+                logger.log(alarm)
+                logger.console(f"warning: {alarm['message']}")
+            logger.advance(step, {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"})
+            window_start, window_steps = time.perf_counter(), 0
+        if data.valid is not None and cfg.train.eval_interval and step % cfg.train.eval_interval == 0 \
+                and step != cfg.train.max_steps:
+            last_val = evaluate(engine, model, data.valid, cfg, state, info.device)
+            logger.log({"kind": "eval", "step": step, "val_loss": last_val, "val_ppl": math.exp(last_val)})
+            logger.console(f"step {step}: validation loss {last_val:.4f}, perplexity {math.exp(last_val):.2f}")
+        if save_dir and cfg.train.save_interval and step % cfg.train.save_interval == 0 and step != cfg.train.max_steps:
+            checkpoint.save(engine, save_dir, step, sampler, cfg, data, state, say)
+
+    step = cfg.train.max_steps
+    final = {"kind": "final", "step": step, "wall_s": time.perf_counter() - started}
+    if data.valid is not None:
+        model.stats.reset()
+        model.stats.active = True  # the final heatmap uses validation data (ambiguity A14)
+        last_val = evaluate(engine, model, data.valid, cfg, state, info.device)
+        model.stats.active = False
+        final.update(val_loss=last_val, val_ppl=math.exp(last_val))
+        final["entropy"] = model.stats.reduce(state)["entropy"]
+        logger.log({"kind": "eval", "step": step, "val_loss": last_val, "val_ppl": math.exp(last_val)})
+    if save_dir:
+        checkpoint.save(engine, save_dir, step, sampler, cfg, data, state, say)
+    logger.log(final)
+    if is_logger and cfg.logging.figures:
+        _figures(run_dir, final, say)
+    logger.close()
+    if is_logger and last_val is not None:
+        print(f"final validation loss {last_val:.4f} | perplexity {math.exp(last_val):.2f} | "
+              f"{final['wall_s']:.1f}s | metrics {run_dir / 'metrics.jsonl'}", flush=True)
+    return final
+
+
+def _loss_scale(engine, cfg: Config) -> float:
+    if cfg.train.precision != "fp16":
+        return 1.0
+    return float(getattr(engine.optimizer, "loss_scale", getattr(engine.optimizer, "cur_scale", 1.0)))
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def _make_alarms(cfg: Config):
+    try:
+        from megatron_entropy.analysis.alarms import EntropyAlarms
+    except ImportError:
+        return None
+    return EntropyAlarms(math.log(cfg.model.seq_length), cfg.logging.collapse_fraction, cfg.logging.overload_share)
+
+
+def _figures(run_dir: Path, final: dict, say) -> None:
+    try:
+        from megatron_entropy.analysis import plots
+    except ImportError:
+        return
+    try:
+        paths = plots.render_run_figures(run_dir)
+        if "entropy" in final:
+            paths.append(plots.save_entropy_heatmap(final["entropy"], run_dir / "entropy_heatmap_final.png",
+                                                    title="per-head attention entropy (validation, final)"))
+        log_fn = getattr(plots, "log_figures_to_wandb", None)
+        if log_fn:
+            log_fn(paths, final["step"])
+        say(f"figures: {', '.join(str(p) for p in paths)}")
+    except Exception as e:  # figures must never lose a finished run
+        say(f"warning: could not draw figures ({type(e).__name__}: {e})")
+
+
+__all__ = ["run", "evaluate", "train_step", "RunData", "DataError"]
