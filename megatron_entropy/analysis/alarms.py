@@ -3,7 +3,8 @@
 - Collapse: a layer's mean head entropy falls below `collapse_fraction * log T` (deep layers of
   the Softmax-only model go to ~0, paper Fig. 3f). One episode per layer.
 - Overload: the share of heads in the top entropy bin [3m/4, m] exceeds `overload_share`, where m
-  is the largest observed head entropy (paper Fig. 2a bins). One episode for the whole model.
+  is the largest observed head entropy (paper Fig. 2a bins), and m itself is above the collapse
+  threshold. One episode for the whole model.
 
 Each alarm fires once when its condition starts and re-arms when the condition clears, so a run
 that stays collapsed for 10K steps logs one record, not one per logging interval.
@@ -76,7 +77,10 @@ class EntropyAlarms:
         share = top_bin_share(rows)
         if math.isnan(share):
             return []
-        if share <= self.overload_share:
+        # The bins are relative to the largest observed entropy: in a fully collapsed model every
+        # head sits near that (tiny) maximum. That is collapse, not overload.
+        largest = max((v for row in rows for v in row if not math.isnan(v)), default=0.0)
+        if share <= self.overload_share or largest < self.collapse_threshold:
             self._overloaded = False
             return []
         if self._overloaded:
