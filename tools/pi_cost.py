@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Private-inference cost of a config: nonlinear ops, FLOPs, estimated 2PC communication/latency.
 
-    python tools/pi_cost.py configs/paper/table3_sm_ln_g.yaml tiny [--variants all] [--json]
+    python tools/pi_cost.py paper/table3/sm_ln_g configs/tiny.yaml [--variants all] [--json]
     python tools/pi_cost.py tiny --model.num_layers 18 --model.hidden_size 768 --model.num_heads 12
 
 CONFIG is a preset name or YAML path; `--section.key value` overrides apply to every config.
@@ -12,7 +12,6 @@ against SM+LN+G of the same shape.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,33 +19,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_entropy.analysis import pi_cost  # noqa: E402
+from megatron_entropy.analysis.cli import OneLineParser, split_overrides  # noqa: E402
 from megatron_entropy.config import ConfigError, build_config  # noqa: E402
 from megatron_entropy.model.variants import VARIANTS  # noqa: E402
 
 
-def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Separate `--section.key value` / `--section.key=value` pairs from the tool's own arguments."""
-    own, overrides, i = [], [], 0
-    while i < len(argv):
-        arg = argv[i]
-        key = arg[2:].split("=", 1)[0]
-        if arg.startswith("--") and "." in key:
-            take = 1 if "=" in arg or i + 1 >= len(argv) else 2
-            overrides += argv[i:i + take]
-            i += take
-        else:
-            own.append(arg)
-            i += 1
-    return own, overrides
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr, exit 2 (argparse would print the usage too)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> OneLineParser:
     parser = OneLineParser(
         description=__doc__.split("\n\n")[0], epilog="Config overrides: --model.num_layers 18 etc. (see docs/analysis.md)",
     )

@@ -10,19 +10,13 @@ nan_counts.png and loss.png, into DIR (default RUN_DIR/figures).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megatron_entropy.analysis.cli import OneLineParser  # noqa: E402
 from megatron_entropy.analysis.plots import read_metrics, render_run_figures  # noqa: E402
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr, exit 2 (argparse would print the usage too)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,13 @@ def train_records(records, key: str | None = None) -> list[dict]:
     return sorted(rows, key=lambda r: r.get("step", 0))
 
 
+def final_entropy_record(records) -> dict | None:
+    """The last record with an entropy matrix: the final (validation) one if the run finished,
+    else the latest train record (the paper's Fig. 3 shows the fully trained model)."""
+    rows = [r for r in records if r.get("kind") in ("train", "final") and r.get("entropy") is not None]
+    return rows[-1] if rows else None
+
+
 def last_with(records, key: str) -> dict | None:
     rows = train_records(records, key)
     return rows[-1] if rows else None
@@ -244,13 +251,13 @@ def render_run_figures(run_dir, out_dir=None) -> list[Path]:
     out = Path(out_dir) if out_dir is not None else run_dir / "figures"
     records = read_metrics(run_dir)
     paths = []
-    last = last_with(records, "entropy")
+    last = final_entropy_record(records)
     if last is not None:
+        when = f"step {last.get('step')}" + (" (final)" if last.get("kind") == "final" else "")
         paths.append(save_entropy_heatmap(last["entropy"], out / "entropy_heatmap.png",
-                                          title=f"per-head attention entropy, step {last['step']}"))
+                                          title=f"per-head attention entropy, {when}"))
         bins = last.get("entropy_bins") or _bins(last["entropy"])
-        paths.append(save_entropy_bins(bins, out / "entropy_bins.png",
-                                       title=f"entropy-range histogram, step {last['step']}"))
+        paths.append(save_entropy_bins(bins, out / "entropy_bins.png", title=f"entropy-range histogram, {when}"))
     if train_records(records, "entropy_layer_mean"):
         paths.append(save_layer_entropy_curves(records, out / "layer_entropy.png"))
     theta = last_with(records, "theta")
