@@ -228,6 +228,11 @@ def _coerce(value, annotation, key: str):
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
             return value.lower() in ("true", "yes", "on")
         raise ConfigError(f"{key}={value!r} must be true or false")
+    if annotation in (int, float) and isinstance(value, str):
+        try:  # YAML reads 1e-4 (no dot) as a string
+            value = float(value) if annotation is float else int(value)
+        except ValueError:
+            pass
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
             raise ConfigError(f"{key}={value!r} must be an integer")
@@ -360,7 +365,9 @@ def describe_keys() -> list[tuple[str, str, object]]:
         section = section_field.default_factory()
         hints = _section_types(section)
         for f in dataclasses.fields(section):
-            rows.append((f"{section_field.name}.{f.name}", str(hints[f.name]).replace("typing.", ""), getattr(section, f.name)))
+            hint = hints[f.name]
+            name = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+            rows.append((f"{section_field.name}.{f.name}", name, getattr(section, f.name)))
     return rows
 
 

@@ -1,0 +1,17 @@
+# The two commands of the README. Both do all set-up first (scripts/setup.sh, idempotent).
+.PHONY: setup train test
+
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export OMP_NUM_THREADS ?= 2
+
+setup:
+	bash scripts/setup.sh
+
+# The main job: the tiny EReg(SM(t)+ScFuFFN) model on the embedded corpus, through DeepSpeed.
+train: setup
+	.venv/bin/deepspeed train.py --deepspeed ds_configs/zero2.json
+
+# The whole test suite (what CI runs).
+test: setup
+	.venv/bin/python -m pytest tests
