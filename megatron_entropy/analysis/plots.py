@@ -243,6 +243,45 @@ def save_loss_curves(records, path) -> Path:
     return _save(fig, path)
 
 
+# ----------------------------------------------------------------------------- several runs
+
+def save_bins_comparison(bins_by_variant: dict, path, title=None) -> Path:
+    """Grouped four-bin histograms, one bar colour per variant (paper Fig. 2a)."""
+    import matplotlib
+
+    names = list(bins_by_variant)
+    colors = matplotlib.colormaps["tab10"]
+    width = 0.8 / max(len(names), 1)
+    fig = _figure()
+    ax = fig.subplots()
+    for i, name in enumerate(names):
+        xs = [b + (i - (len(names) - 1) / 2) * width for b in range(4)]
+        ax.bar(xs, [100.0 * _float(v) for v in bins_by_variant[name]], width, label=name, color=colors(i))
+    ax.set_xticks(range(4))
+    ax.set_xticklabels(BIN_LABELS)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("% of heads")
+    ax.set_xlabel("entropy range (m = max observed head entropy of each model)")
+    ax.set_title(title or "entropy-range histogram of attention heads")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def save_loss_comparison(curves: dict, path, title=None) -> Path:
+    """Loss curves of several runs: curves = {label: (steps, losses)}."""
+    fig = _figure()
+    ax = fig.subplots()
+    for label, (steps, losses) in curves.items():
+        ax.plot(steps, [_float(v) for v in losses], label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_title(title or "training loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 # ----------------------------------------------------------------------------- one run
 
 def render_run_figures(run_dir, out_dir=None) -> list[Path]:
