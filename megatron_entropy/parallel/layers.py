@@ -173,7 +173,7 @@ class RowParallelLinear(_ParallelLinear):
     def effective_weight(self) -> torch.Tensor:
         """The full-layer weight of this shard, as a plain linear layer would hold it."""
         scale = self.output_scale()
-        return self.weight if scale is None else self.weight * scale.to(self.weight.dtype)[:, None]
+        return self.weight if scale is None else self.weight * scale.to(self.weight.dtype).reshape(-1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
