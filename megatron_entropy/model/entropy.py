@@ -18,8 +18,6 @@ import math
 import torch
 import torch.distributed as dist
 
-from megatron_entropy.parallel.mappings import all_reduce_no_grad
-
 
 def head_penalties(entropy: torch.Tensor, theta: torch.Tensor, log_t: float, tolerance: float,
                    reduction: str = "token_mean", reference_tokens: int = 16384) -> torch.Tensor:
@@ -109,7 +107,10 @@ class EntropyStats:
         ])
         dp_size = 1
         if state is not None and state.world_size > 1:
-            all_reduce_no_grad(packed, None, op=dist.ReduceOp.SUM)
+            # Over the whole world (the default group). Not all_reduce_no_grad(packed, None): in
+            # the TP mappings a None group means "one rank", so that was a silent no-op and each
+            # rank logged only its own heads' entropies and penalty.
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
             dp_size = state.dp_size
         n = self.num_layers * self.num_heads
         entropy_sum, count = packed[:n].view_as(self.count), packed[n:2 * n].view_as(self.count)
