@@ -31,7 +31,8 @@ class Embedding(nn.Module):
         super().__init__()
         self.padded_vocab = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, state.tp_size)
         self.tokens = VocabParallelEmbedding(self.padded_vocab, cfg.hidden_size, state=state,
-                                             init_std=cfg.init_std, seed=seed, name="embedding.tokens")
+                                             init_std=cfg.init_std, seed=seed, name="embedding.tokens",
+                                             init_rows=cfg.vocab_size)
         self.positions = nn.Parameter(normal_init((cfg.seq_length, cfg.hidden_size), cfg.init_std, seed,
                                                   "embedding.positions"))
         self.positions.partition_dim = None
@@ -54,7 +55,7 @@ class LMHead(nn.Module):
         if tied_embedding is None:
             padded = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, state.tp_size)
             self.output = ColumnParallelLinear(cfg.hidden_size, padded, state=state, init_std=cfg.init_std,
-                                               seed=seed, name="head.output")
+                                               seed=seed, name="head.output", init_rows=cfg.vocab_size)
         per_rank = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, state.tp_size) // state.tp_size
         self.vocab_start = state.tp_rank * per_rank
 

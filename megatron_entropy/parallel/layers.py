@@ -53,7 +53,8 @@ class _ParallelLinear(nn.Module):
 
     split_dim: int
 
-    def __init__(self, in_features, out_features, *, state, bias, normalization, init_std, seed, name):
+    def __init__(self, in_features, out_features, *, state, bias, normalization, init_std, seed, name,
+                 init_rows=None):
         super().__init__()
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
@@ -62,7 +63,7 @@ class _ParallelLinear(nn.Module):
             raise ValueError(f"{name}: dimension {split_size} is not divisible by tensor-parallel size {state.tp_size}")
         self.state, self.normalization = state, normalization
         self.in_features, self.out_features = in_features, out_features
-        full = normal_init((out_features, in_features), init_std, seed, name)
+        full = normal_init((out_features, in_features), init_std, seed, name, valid_rows=init_rows)
         self.weight = _param(_shard(full, self.split_dim, state), self.split_dim)
         self.bias = None
         if bias:
@@ -107,8 +108,11 @@ class _ParallelLinear(nn.Module):
         if self.training or not bool(self.spectral_ready):
             self._power_iteration(1 if bool(self.spectral_ready) else SPECTRAL_INIT_ITERATIONS)
             self.spectral_ready.fill_(True)
-        partial = torch.dot(self.spectral_u, self.weight @ self.spectral_v)
-        return partial
+        # Clones, as torch's spectral_norm does: autograd saves u and v, and the next forward's
+        # power iteration updates the buffers in place (pipeline schedules run several forwards
+        # before their backwards).
+        u, v = self.spectral_u.clone(), self.spectral_v.clone()
+        return torch.dot(u, self.weight @ v)  # this shard's partial of sigma = u^T W v
 
     # --- weight norm ---------------------------------------------------------------------------
     def _row_sq_norms(self) -> torch.Tensor:
@@ -128,9 +132,11 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def __init__(self, in_features, out_features, *, state: ParallelState, bias=False,
                  gather_output=False, copy_input=True, normalization="none", init_std=0.02,
-                 seed=0, name="column"):
+                 seed=0, name="column", init_rows=None):
+        """init_rows: only the first init_rows output units are drawn, the rest (padding) are zero."""
         super().__init__(in_features, out_features, state=state, bias=bias,
-                         normalization=normalization, init_std=init_std, seed=seed, name=name)
+                         normalization=normalization, init_std=init_std, seed=seed, name=name,
+                         init_rows=init_rows)
         self.gather_output, self.copy_input = gather_output, copy_input
 
     def effective_weight(self) -> torch.Tensor:
@@ -189,14 +195,15 @@ class VocabParallelEmbedding(nn.Module):
     """Embedding with the vocabulary split over TP ranks; the output is replicated."""
 
     def __init__(self, num_embeddings: int, dim: int, *, state: ParallelState, init_std=0.02, seed=0,
-                 name="embedding"):
+                 name="embedding", init_rows: int | None = None):
+        """init_rows: the true vocabulary size; rows beyond it (padding) start at zero."""
         super().__init__()
         if num_embeddings % state.tp_size:
             raise ValueError(f"padded vocabulary {num_embeddings} is not divisible by tensor-parallel size {state.tp_size}")
         self.state, self.num_embeddings = state, num_embeddings
         per_rank = num_embeddings // state.tp_size
         self.vocab_start, self.vocab_end = state.tp_rank * per_rank, (state.tp_rank + 1) * per_rank
-        full = normal_init((num_embeddings, dim), init_std, seed, name)
+        full = normal_init((num_embeddings, dim), init_std, seed, name, valid_rows=init_rows)
         self.weight = _param(_shard(full, 0, state), 0)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -21,8 +21,20 @@ def param_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
 
 
-def normal_init(shape, std: float, seed: int, name: str) -> torch.Tensor:
-    return torch.empty(shape).normal_(0.0, std, generator=param_generator(seed, name))
+def normal_init(shape, std: float, seed: int, name: str, valid_rows: int | None = None) -> torch.Tensor:
+    """N(0, std) at `shape` from the parameter's own generator.
+
+    With `valid_rows` only the first rows are drawn and the rest (vocabulary padding) are zero.
+    The padded size depends on the TP size, and drawing at the padded shape would not even keep
+    the real rows layout-independent: torch's CPU normal_ redraws the last 16 values when the
+    element count is not a multiple of 16.
+    """
+    shape = tuple(shape)
+    if valid_rows is None or valid_rows >= shape[0]:
+        return torch.empty(shape).normal_(0.0, std, generator=param_generator(seed, name))
+    full = torch.zeros(shape)
+    full[:valid_rows].normal_(0.0, std, generator=param_generator(seed, name))
+    return full
 
 
 def seed_all(seed: int) -> None:
