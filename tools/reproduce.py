@@ -14,6 +14,7 @@ passed to every train.py run (after the study's own size overrides, so it wins).
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 import time
 from pathlib import Path
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"{out} exists and is not empty; pass a new --out directory")
     if not (study.ROOT / "train.py").is_file():
         fail(f"{study.ROOT / 'train.py'} does not exist; the study needs the training script")
+    # SIGTERM -> SystemExit, so subprocess.run kills the training run in flight instead of orphaning it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.perf_counter()
     print(f"study: {len(settings.variants)} variants x {settings.steps} steps -> {out}", flush=True)
     report = study.run_study(out, settings, say=lambda m: print(m, flush=True))
