@@ -92,15 +92,15 @@ class _ParallelLinear(nn.Module):
         group, w = self.state.tp_group, self.weight.detach().float()
         u, v = self.spectral_u.float(), self.spectral_v.float()
         column = self.split_dim == 0  # u sharded (rows), v replicated; else the reverse
-        for _ in range(iterations):
-            v = w.t() @ u
-            if column:
-                all_reduce_no_grad(v, group)
-            v = v / _global_norm(v, None if column else group)
+        for _ in range(iterations):  # u first, then v: the order of torch's spectral_norm
             u = w @ v
             if not column:
                 all_reduce_no_grad(u, group)
             u = u / _global_norm(u, group if column else None)
+            v = w.t() @ u
+            if column:
+                all_reduce_no_grad(v, group)
+            v = v / _global_norm(v, None if column else group)
         self.spectral_u.copy_(u)
         self.spectral_v.copy_(v)
 
