@@ -47,7 +47,8 @@ def fused_entropy_attention(q, k, v, causal: bool = True, block_size: int = 128)
 
 
 def blocked_entropy_attention(q, k, v, causal: bool = True, block_size: int = 128):
-    """The device-independent PyTorch implementation (same contract as `fused_entropy_attention`)."""
+    """The device-independent PyTorch implementation (same contract as `fused_entropy_attention`;
+    float64 inputs are the one exception: computed, and their entropy returned, in float64)."""
     _check_inputs(q, k, v)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -87,8 +88,8 @@ def _causal_keep(i0: int, i1: int, j0: int, j1: int, device) -> torch.Tensor | N
     return rows >= cols
 
 
-def _key_blocks(i0: int, i1: int, T: int, block_size: int, causal: bool):
-    """Key blocks a query block [i0, i1) has to visit: all of them, or (causal) those starting
+def _key_blocks(i1: int, T: int, block_size: int, causal: bool):
+    """Key blocks a query block ending at i1 has to visit: all of them, or (causal) those starting
     before i1. The first one always contains key 0, which every causal row may see, so the running
     max is finite after the first tile."""
     return _blocks(i1 if causal else T, block_size)
@@ -109,7 +110,7 @@ class BlockedEntropyAttention(torch.autograd.Function):
         for i0, i1 in _blocks(T, block_size):
             qb = qf[:, i0:i1]
             m = l = a = acc = None
-            for j0, j1 in _key_blocks(i0, i1, T, block_size, causal):
+            for j0, j1 in _key_blocks(i1, T, block_size, causal):
                 s = torch.bmm(qb, kf[:, j0:j1].transpose(1, 2))  # [B, bq, bk]
                 keep = _causal_keep(i0, i1, j0, j1, q.device) if causal else None
                 if keep is not None:
@@ -186,7 +187,7 @@ class BlockedEntropyAttention(torch.autograd.Function):
             do_b = do[:, i0:i1] if do is not None else None
             dh_b = dh[:, i0:i1] if dh is not None else None
             dq_b = torch.zeros_like(qb)
-            for j0, j1 in _key_blocks(i0, i1, T, block_size, causal):
+            for j0, j1 in _key_blocks(i1, T, block_size, causal):
                 kb, vb = kf[:, j0:j1], vf[:, j0:j1]
                 logp = torch.bmm(qb, kb.transpose(1, 2)).sub_(lse_b)
                 keep = _causal_keep(i0, i1, j0, j1, q.device) if causal else None
