@@ -117,10 +117,10 @@ def test_deepspeed_tp2_dp2_matches_plain_torch_tp1():
     assert not problems, "\n".join(problems)
 
 
-def _train_py(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
+def _train_py(args: list[str], cache: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     from tests.conftest import base_env
 
-    env = base_env(Path("/nonexistent-cache"))
+    env = base_env(cache)
     env.update(env_extra or {})
     return subprocess.run([sys.executable, str(REPO / "train.py")] + args, env=env, capture_output=True,
                           text=True, timeout=120, cwd=REPO)
@@ -130,8 +130,8 @@ def _train_py(args: list[str], env_extra: dict | None = None) -> subprocess.Comp
     (["--parallel.tensor", "3"], {}, "parallel.tensor=3 does not divide model.num_heads=4"),
     (["--parallel.tensor", "4"], {"WORLD_SIZE": "2"}, "world size 2"),
 ])
-def test_impossible_tensor_parallel_sizes_exit_2_with_one_line(args, env_extra, needle):
-    proc = _train_py(args, env_extra)
+def test_impossible_tensor_parallel_sizes_exit_2_with_one_line(args, env_extra, needle, tmp_path):
+    proc = _train_py(args, tmp_path, env_extra)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
@@ -141,9 +141,9 @@ def test_deepspeed_launcher_trains_with_tp2(run_train):
     """`deepspeed --num_gpus 2 train.py ... --parallel.tensor 2` trains on CPU, finite losses."""
     from torch.utils.cpp_extension import get_default_build_root
 
-    deepspeed = Path(sys.executable).parent / "deepspeed"
     from tests.conftest import free_port
 
+    deepspeed = Path(sys.executable).parent / "deepspeed"
     run = run_train(
         ["--deepspeed", str(REPO / "ds_configs" / "zero1.json"), "--parallel.tensor", "2",
          "--train.max_steps", "4", "--logging.log_interval", "2", "--train.eval_iters", "1",
