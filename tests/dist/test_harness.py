@@ -45,3 +45,9 @@ def test_a_hang_times_out():
     with pytest.raises(DistFailure, match="timed out after 3s"):
         spawn(f"{HERE}:echo_env", 2, kwargs={"hang_rank": 1}, timeout=3)
     assert time.monotonic() - started < 30
+
+
+def test_scripts_run_per_rank_and_may_write_results():
+    code = "import os; from tests.dist.harness import write_result; write_result(int(os.environ['RANK']) * 10)"
+    results = spawn(["-c", code], 2, timeout=60)
+    assert [r.result for r in results] == [0, 10] and all(r.returncode == 0 for r in results)
