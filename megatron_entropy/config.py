@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     train_data: list[str] = field(default_factory=list)  # shard prefixes; empty: embedded corpus
+    train_weights: list[float] = field(default_factory=list)  # one per train_data prefix: a blend; empty: concatenate
     valid_data: list[str] = field(default_factory=list)
     tokenizer: str | None = None  # .model file or HF dir; None: trained on the embedded corpus
     tokenizer_vocab_size: int = 4096  # for the embedded corpus' tokenizer
@@ -114,6 +116,10 @@ class TrainConfig:
     save_dir: str | None = None  # None: <run_dir>/checkpoints; "" disables checkpoints
     keep_last: int = 2  # checkpoints kept in save_dir (0: all)
     resume: str = ""  # "" start fresh | auto: continue from <save_dir>/latest if any | a checkpoint path
+    exit_duration_minutes: float = 0.0  # save and exit 0 once the process has run this long; 0: no limit
+    requeue: bool = True  # on SIGUSR1/SIGTERM under Slurm: save, then `scontrol requeue` the job (rank 0)
+    nonfinite: str = "skip"  # non-finite loss/grad on any rank: skip the update on every rank | stop (exit 3)
+    inject_nan_at: str = ""  # testing hook "STEP:RANK": make that rank's loss NaN at that step
 
 
 @dataclass
@@ -126,6 +132,7 @@ class LoggingConfig:
     figures: bool = True  # entropy figures (PNG) in the run directory at the end
     collapse_fraction: float = 0.1  # alarm: a layer's mean entropy below this x log T
     overload_share: float = 0.5  # alarm: share of heads in the top entropy bin above this
+    spike_factor: float = 1.5  # warn when a logged loss > this x the median of the last 20; 0: off
 
 
 @dataclass
@@ -199,8 +206,23 @@ class Config:
         _check(t.precision in ("fp32", "bf16", "fp16"), f"train.precision={t.precision!r} must be fp32, bf16 or fp16")
         _check(t.grad_clip >= 0 and t.weight_decay >= 0, "train.grad_clip and train.weight_decay must be >= 0")
         _check(lg.log_interval >= 1, "logging.log_interval must be >= 1")
+        _check(t.exit_duration_minutes >= 0, "train.exit_duration_minutes must be >= 0 (0: no limit)")
+        _check(t.nonfinite in ("skip", "stop"), f"train.nonfinite={t.nonfinite!r} must be skip or stop")
+        _check(not t.inject_nan_at or _INJECT.match(t.inject_nan_at) is not None,
+               f"train.inject_nan_at={t.inject_nan_at!r} must look like STEP:RANK (e.g. 5:1) or be empty")
+        _check(lg.spike_factor == 0 or lg.spike_factor > 1, "logging.spike_factor must be > 1 (or 0 to disable)")
+        d = self.data
+        _check(not d.train_weights or len(d.train_weights) == len(d.train_data),
+               f"data.train_weights has {len(d.train_weights)} weights for {len(d.train_data)} data.train_data "
+               "prefixes; give one weight per prefix (or none to concatenate them)")
+        _check(all(w >= 0 for w in d.train_weights) and (not d.train_weights or sum(d.train_weights) > 0),
+               "data.train_weights must be >= 0 with a positive sum")
         _check(lg.wandb in ("auto", "online", "offline", "off"), f"logging.wandb={lg.wandb!r} must be auto, online, offline or off")
         return self
+
+
+# "STEP:RANK"; YAML 1.1 reads 5:1 as the base-60 integer 301, so a plain integer is read back as divmod(n, 60).
+_INJECT = re.compile(r"^\s*(\d+\s*:\s*)?\d+\s*$")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -333,8 +355,10 @@ def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
-        if isinstance(raw, str) and raw.lower() == "none":
+        if raw.lower() == "none":
             value = None
+        elif raw == "":
+            value = ""  # an explicit empty string (e.g. --train.save_dir "" disables checkpoints)
         pairs.append((key, value))
     return pairs
 

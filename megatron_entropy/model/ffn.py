@@ -52,8 +52,7 @@ class FeedForward(nn.Module):
         return self.fc_out(self.activation(self.fc_in(x)))
 
     def safe_alpha(self) -> torch.Tensor:
-        sign = torch.where(self.alpha >= 0, 1.0, -1.0)
-        return sign * self.alpha.abs().clamp_min(MIN_ABS_ALPHA)
+        return self.alpha.abs().clamp_min(MIN_ABS_ALPHA).copysign(self.alpha)  # keeps alpha's dtype
 
     def residual(self, x: torch.Tensor, ffn_out: torch.Tensor) -> torch.Tensor:
         """The FFN residual update: plain, or the paper's scaled beta * x + ffn / alpha."""

@@ -79,6 +79,13 @@ def test_deepspeed_launcher_runs_the_main_job(run_train):
     assert len(run.kind("train")) == 3 and run.kind("final")
 
 
+def test_bf16_trains_with_finite_loss_and_fp32_entropies(run_train):
+    run = run_train(STEPS + ["--deepspeed", str(REPO / "ds_configs/zero1.json"), "--train.precision", "bf16"])
+    train = run.kind("train")
+    assert len(train) == 4 and all(math.isfinite(r["lm_loss"]) for r in train)
+    assert all(math.isfinite(v) for row in train[-1]["entropy"] for v in row)
+
+
 def test_wandb_offline_writes_a_local_run(run_train):
     run = run_train(STEPS + ["--logging.wandb", "offline"])
     assert list(run.run_dir.glob("wandb/offline-run-*")), "no offline wandb run directory"

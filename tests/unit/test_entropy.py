@@ -169,3 +169,49 @@ def test_entropy_bins_on_hand_made_matrices():
     assert entropy_bins([[4.0, 4.0]]) == [0.0, 0.0, 0.0, 1.0]
     assert sum(entropy_bins(torch.rand(12, 12) * 4)) == pytest.approx(1.0)
     # Fig. 3f of the paper (SM model, layers 0-11) reproduces the reported 33% / 45% split.
+
+
+def _attention_module(temperature_param):
+    from megatron_entropy.config import build_config
+    from megatron_entropy.model.attention import ParallelSelfAttention
+    from megatron_entropy.parallel.state import ParallelState
+
+    cfg = build_config("tiny", ["--model.num_heads", "2", "--model.hidden_size", "16", "--model.seq_length", "12",
+                                "--model.temperature_param", temperature_param]).model
+    return ParallelSelfAttention(cfg, cfg.spec(), ParallelState.single(), layer_number=0, seed=0)
+
+
+@pytest.mark.parametrize("temperature_param", ["log", "raw"])
+def test_model_temperature_semantics(temperature_param):
+    from megatron_entropy.model.entropy import EntropyStats
+
+    attn = _attention_module(temperature_param)
+    x = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(8))
+
+    def row_entropy(t_value):
+        with torch.no_grad():
+            if attn.log_temperature is not None:
+                attn.log_temperature.fill_(math.log(t_value))
+            else:
+                attn.temperature.fill_(t_value)
+        stats = EntropyStats(1, 2)
+        stats.active = True
+        stats.micro_batches = 1
+        attn(x, stats)
+        return torch.tensor(stats.reduce()["entropy"][0], dtype=torch.float64), stats
+
+    uniform, _ = row_entropy(1e6)  # huge t: every row uniform over its causal prefix
+    expected = float(torch.log(torch.arange(1, 13, dtype=torch.float64)).mean())
+    torch.testing.assert_close(uniform, torch.full((2,), expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    sharp, _ = row_entropy(1e-3)
+    assert (sharp < 0.5 * uniform).all()
+
+
+def test_penalty_gradient_reaches_temperature_and_theta_in_attention():
+    attn = _attention_module("log")
+    attn.train()
+    x = torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(9))
+    out, penalty = attn(x)
+    assert penalty is not None and float(penalty) > 0
+    penalty.backward()
+    assert attn.theta.grad.abs().sum() > 0 and attn.log_temperature.grad.abs().sum() > 0
