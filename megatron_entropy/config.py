@@ -185,7 +185,12 @@ class Config:
             "choose a tensor-parallel size that divides the head count",
         )
         _check(
-            p.tensor * p.pipeline <= world_size and world_size % (p.tensor * p.pipeline) == 0,
+            p.tensor * p.pipeline <= world_size,
+            f"parallel.tensor x parallel.pipeline = {p.tensor * p.pipeline} exceeds the world size {world_size}; "
+            "launch more processes or lower the parallel sizes",
+        )
+        _check(
+            world_size % (p.tensor * p.pipeline) == 0,
             f"world size {world_size} is not a multiple of parallel.tensor x parallel.pipeline = "
             f"{p.tensor * p.pipeline}; launch a multiple of that many processes",
         )

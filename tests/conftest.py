@@ -28,8 +28,12 @@ def free_port() -> int:
 
 def base_env(cache_dir: Path) -> dict:
     env = dict(os.environ)
+    # XDG_CACHE_HOME points the data cache at the test's copy; torch's extension cache must stay
+    # where setup.sh built DeepSpeed's shm op, or every test process would recompile it (~30 s).
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions")
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               XDG_CACHE_HOME=str(cache_dir), PYTHONPATH=str(REPO))
+               XDG_CACHE_HOME=str(cache_dir), TORCH_EXTENSIONS_DIR=extensions, PYTHONPATH=str(REPO))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "WANDB_API_KEY"):
         env.pop(key, None)
     return env

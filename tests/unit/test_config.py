@@ -52,7 +52,7 @@ def test_bad_overrides_are_one_line_errors(args, fragment):
     (["--model.entropy_reg_coeff", "-1"], "entropy_reg_coeff=-1.0 must be >= 0"),
     (["--model.ffn_kind", "fused", "--model.variant", "SM+LN+G"], "needs model.activation=identity"),
     (["--parallel.tensor", "3"], "does not divide model.num_heads"),
-    (["--parallel.tensor", "2"], "world size 1 is not a multiple"),
+    (["--parallel.tensor", "2"], "exceeds the world size 1"),
     (["--train.global_batch_size", "12", "--train.micro_batch_size", "8"], "not a multiple"),
     (["--train.precision", "fp8"], "train.precision='fp8'"),
 ])
