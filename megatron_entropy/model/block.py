@@ -8,11 +8,13 @@ loss (model/entropy.py: AttachAuxLoss) so every pipeline stage back-propagates i
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from megatron_entropy.model.attention import ParallelSelfAttention
 from megatron_entropy.model.entropy import AttachAuxLoss
 from megatron_entropy.model.ffn import FeedForward
+from megatron_entropy.parallel.recompute import checkpoint
 
 
 def make_norm(enabled: bool, hidden_size: int) -> nn.Module:
@@ -35,8 +37,16 @@ class DecoderLayer(nn.Module):
         self.ffn = FeedForward(cfg, spec, state, layer_number, seed)
         # Shared, mutable objects owned by the model (not submodules: no parameters).
         self._aux_scale, self._stats = aux_scale, stats
+        # Activation checkpointing (parallel.activation_checkpointing): keep only this layer's
+        # input and recompute the rest in the backward (parallel/recompute.py).
+        self.checkpoint_activations = False
 
     def forward(self, x):
+        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+            return checkpoint(self, self._forward, x)
+        return self._forward(x)
+
+    def _forward(self, x):
         attn_out, penalty = self.attention(self.norm1(x), self._stats)
         x = x + attn_out
         x = self.ffn.residual(x, self.ffn(self.norm2(x)))

@@ -18,6 +18,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from megatron_entropy.parallel.recompute import is_recomputing
+
 
 def head_penalties(entropy: torch.Tensor, theta: torch.Tensor, log_t: float, tolerance: float,
                    reduction: str = "token_mean", reference_tokens: int = 16384) -> torch.Tensor:
@@ -85,7 +87,7 @@ class EntropyStats:
     @torch.no_grad()
     def record(self, layer: int, head_offset: int, entropy: torch.Tensor) -> None:
         """entropy [b, h_local, T] of layer `layer`, heads head_offset .. head_offset + h_local."""
-        if not self.active:
+        if not self.active or is_recomputing():  # an activation recompute is not another micro-batch
             return
         e = entropy.detach().double().cpu()
         nan = torch.isnan(e)
@@ -96,7 +98,7 @@ class EntropyStats:
 
     @torch.no_grad()
     def record_penalty(self, value: torch.Tensor) -> None:
-        if self.active:
+        if self.active and not is_recomputing():
             self.penalty += value.detach().double().cpu()
 
     def reduce(self, state=None) -> dict:

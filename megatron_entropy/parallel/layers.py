@@ -30,6 +30,7 @@ from megatron_entropy.parallel.mappings import (
     scatter_to_tp_region,
 )
 from megatron_entropy.parallel.random import normal_init, param_generator
+from megatron_entropy.parallel.recompute import is_recomputing
 from megatron_entropy.parallel.state import ParallelState
 
 NORMALIZATIONS = ("none", "weight_norm", "spectral_norm")
@@ -105,7 +106,8 @@ class _ParallelLinear(nn.Module):
         self.spectral_v.copy_(v)
 
     def _sigma(self) -> torch.Tensor:
-        if self.training or not bool(self.spectral_ready):
+        # Not again while an activation checkpoint recomputes this forward (parallel/recompute.py).
+        if (self.training and not is_recomputing()) or not bool(self.spectral_ready):
             self._power_iteration(1 if bool(self.spectral_ready) else SPECTRAL_INIT_ITERATIONS)
             self.spectral_ready.fill_(True)
         # Clones, as torch's spectral_norm does: autograd saves u and v, and the next forward's
