@@ -43,16 +43,34 @@ class Embedding(nn.Module):
         return self.dropout(self.tokens(input_ids) + self.positions[:T])
 
 
-class LMHead(nn.Module):
-    """Final norm, logits over this rank's vocabulary shard, and the vocab-parallel loss."""
+def tied_projection(hidden: torch.Tensor, weight: torch.Tensor, tp_group) -> torch.Tensor:
+    """This rank's logits shard: (normed) hidden states times its shard of the tied token embedding."""
+    return F.linear(copy_to_tp_region(hidden, tp_group), weight)
 
-    def __init__(self, cfg, spec, state: ParallelState, seed: int, tied_embedding: Embedding | None):
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, true_vocab: int, tp_group) -> torch.Tensor:
+    """Mean vocab-parallel cross entropy over all tokens of a logits shard (padding masked)."""
+    per_token = vocab_parallel_cross_entropy(logits, labels, vocab_start=vocab_start, true_vocab_size=true_vocab,
+                                             group=tp_group)
+    return per_token.mean()
+
+
+class LMHead(nn.Module):
+    """Final norm, logits over this rank's vocabulary shard, and the vocab-parallel loss.
+
+    tied_elsewhere: the output projection is the token embedding of an Embedding held outside this
+    module (DeepSpeed's tied module under pipeline parallelism, training/pipeline.py), so no
+    output layer is created; the pipeline applies `tied_projection` in its own layer.
+    """
+
+    def __init__(self, cfg, spec, state: ParallelState, seed: int, tied_embedding: Embedding | None,
+                 tied_elsewhere: bool = False):
         super().__init__()
         self.state, self.true_vocab = state, cfg.vocab_size
         self.final_norm = make_norm(spec.final_norm, cfg.hidden_size)
         self.tied = tied_embedding
         self.output = None
-        if tied_embedding is None:
+        if tied_embedding is None and not tied_elsewhere:
             padded = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, state.tp_size)
             self.output = ColumnParallelLinear(cfg.hidden_size, padded, state=state, init_std=cfg.init_std,
                                                seed=seed, name="head.output", init_rows=cfg.vocab_size)
@@ -64,15 +82,11 @@ class LMHead(nn.Module):
         hidden = self.final_norm(hidden)
         if self.output is not None:
             return self.output(hidden)
-        return F.linear(copy_to_tp_region(hidden, self.state.tp_group), self.tied.tokens.weight)
+        return tied_projection(hidden, self.tied.tokens.weight, self.state.tp_group)
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross entropy over all tokens of the micro-batch."""
-        per_token = vocab_parallel_cross_entropy(
-            self.logits(hidden), labels, vocab_start=self.vocab_start, true_vocab_size=self.true_vocab,
-            group=self.state.tp_group,
-        )
-        return per_token.mean()
+        return lm_loss(self.logits(hidden), labels, self.vocab_start, self.true_vocab, self.state.tp_group)
 
     def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Gathered logits over the true vocabulary (evaluation and export; not for training)."""
@@ -120,7 +134,10 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         skip = getattr(p, "no_weight_decay", False) or p.dim() < 2 or name.endswith(".bias")
         (no_decay if skip else decay).append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    # A pipeline stage may hold only one kind (e.g. just the embedding); DeepSpeed's ZeRO drops
+    # empty groups, which then no longer line up with the LR scheduler's.
+    return [g for g in groups if g["params"]]

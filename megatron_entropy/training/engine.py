@@ -163,10 +163,32 @@ def initialize(cfg: Config, model, ds_config: dict, state):
 
     optimizer, scheduler = make_optimizer(cfg, model)
     mpu = None
-    if state.tp_size > 1:
+    if getattr(model, "is_pipeline", False):
+        # A PipelineModule brings its own grid (from the same topology) as DeepSpeed's mpu.
+        from megatron_entropy.training.pipeline import check_param_groups_for_zero, mark_parameters_for_grad_norm
+
+        check_param_groups_for_zero(model, zero_stage(ds_config), state)
+        mark_parameters_for_grad_norm(model, state)
+    elif state.tp_size > 1:
         mark_tensor_parallel_params(model)
         mpu = TensorParallelMPU(state)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu,
     )
+    _record_fp32_grad_norm(engine)
     return engine, optimizer, scheduler
+
+
+def _record_fp32_grad_norm(engine) -> None:
+    """Keep the norm that DeepSpeed's ZeRO-0 fp32 clipping computes (it throws it away).
+
+    Every other path (ZeRO >= 1, bf16, fp16) stores it for get_global_grad_norm(); without this the
+    plain engine would log grad_norm = null.
+    """
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_record():
+        engine._global_grad_norm = clip_grad_norm_(
+            parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_and_record

@@ -20,7 +20,7 @@ from megatron_entropy.model.entropy import entropy_bins
 from megatron_entropy.model.gpt import GPTModel
 from megatron_entropy.parallel.random import seed_all
 from megatron_entropy.parallel.state import ParallelState
-from megatron_entropy.training import checkpoint
+from megatron_entropy.training import checkpoint, pipeline
 from megatron_entropy.training.distributed import DistInfo
 from megatron_entropy.training.engine import build_ds_config, initialize, load_ds_config, zero_stage
 from megatron_entropy.training.metrics import MetricsLogger
@@ -57,8 +57,26 @@ class RunData:
 
 # ----------------------------------------------------------------------------- steps
 
+def make_model_and_engine(cfg: Config, ds_config: dict, state: ParallelState, device):
+    """The model — GPTModel, or with PP > 1 a DeepSpeed PipelineModule of the same layers — and its engine."""
+    if cfg.parallel.pipeline > 1:
+        model = pipeline.build_pipeline_model(cfg.model, state, cfg.train.seed, cfg.parallel.pipeline_partition)
+    else:
+        model = GPTModel(cfg.model, state, seed=cfg.train.seed).to(device)
+    pipeline.set_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
+    engine, optimizer, scheduler = initialize(cfg, model, ds_config, state)
+    return model, engine, optimizer, scheduler
+
+
+def is_pipeline(model) -> bool:
+    return getattr(model, "is_pipeline", False)
+
+
 def train_step(engine, model: GPTModel, dataset, micro_batches, device) -> torch.Tensor:
     """Forward/backward every micro-batch, then one optimizer step. Returns the mean LM loss."""
+    if is_pipeline(model):  # DeepSpeed runs the 1F1B schedule over the micro-batches, then steps
+        model.stats.micro_batches += len(micro_batches)
+        return engine.train_batch(pipeline.batches(dataset, micro_batches, collate, device)).detach().float()
     losses = []
     for indices in micro_batches:
         inputs, labels = collate(dataset, indices)
@@ -88,6 +106,9 @@ def evaluate(engine, model: GPTModel, dataset, cfg: Config, state: ParallelState
     mb, dp = cfg.train.micro_batch_size, state.dp_size
     per_step = mb * dp
     steps = math.ceil(len(dataset) / per_step) if cfg.train.eval_iters == 0 else cfg.train.eval_iters
+    if is_pipeline(model):  # one inference schedule over all micro-batches; DeepSpeed averages over DP
+        micro = [[(s * per_step + state.dp_rank * mb + j) % len(dataset) for j in range(mb)] for s in range(steps)]
+        return float(engine.eval_batch(pipeline.batches(dataset, micro, collate, device), num_micro_batches=steps))
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64)
     for s in range(steps):
@@ -146,8 +167,7 @@ def run(cfg: Config, ds_config_path: str | None, info: DistInfo) -> dict:
     run_dir = Path(broadcast_str(cfg.logging.run_dir or default_run_dir(cfg), state))
     cfg.logging.run_dir = str(run_dir)
 
-    model = GPTModel(cfg.model, state, seed=cfg.train.seed).to(info.device)
-    engine, optimizer, scheduler = initialize(cfg, model, ds_config, state)
+    model, engine, optimizer, scheduler = make_model_and_engine(cfg, ds_config, state, info.device)
     gas = cfg.grad_accumulation_steps(info.world_size)
     sampler = GlobalBatchSampler(len(data.train), cfg.train.global_batch_size, seed=cfg.data.seed)
     save_dir = cfg.train.save_dir if cfg.train.save_dir is not None else str(run_dir / "checkpoints")
@@ -163,6 +183,8 @@ def run(cfg: Config, ds_config_path: str | None, info: DistInfo) -> dict:
         f"world {info.world_size} = TP{state.tp_size} x PP{state.pp_size} x DP{state.dp_size}, "
         f"ZeRO-{zero_stage(ds_config)}, {cfg.train.precision}, grad accumulation {gas} | "
         f"{len(data.train)} train samples | run dir {run_dir}")
+    if note := pipeline.bubble_note(state.pp_size, gas):
+        say(note)
     logger = MetricsLogger(run_dir, cfg.to_dict(), is_logger, cfg.logging.wandb, cfg.logging.wandb_project,
                            cfg.train.max_steps, cfg.logging.progress_bar, start_step)
     alarms = _make_alarms(cfg)
