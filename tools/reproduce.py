@@ -34,6 +34,7 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--out", metavar="DIR", help="output directory (default runs/reproduce[-smoke]); must be empty or new")
     parser.add_argument("--variants", nargs="+", metavar="NAME", help=f"default: {', '.join(study.STUDY_VARIANTS)}")
     parser.add_argument("--steps", type=int, metavar="N", help="training steps per variant")
+    parser.add_argument("--jobs", type=int, metavar="J", help="runs in parallel, each with CPUs/J threads (default 2)")
     parser.add_argument("--print-commands", action="store_true", help="print the train.py commands and exit")
     return parser
 
@@ -49,6 +50,10 @@ def resolve_settings(args, overrides: list[str]) -> study.StudySettings:
         if args.steps < 1:
             raise ConfigError(f"--steps {args.steps} must be >= 1")
         settings = dataclasses.replace(settings, steps=args.steps)
+    if args.jobs is not None:
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs {args.jobs} must be >= 1")
+        settings = dataclasses.replace(settings, jobs=args.jobs)
     settings = dataclasses.replace(settings, overrides=settings.overrides + overrides)
     for variant in settings.variants:  # fail before training anything, and before writing anything
         build_config(settings.preset, settings.overrides + ["--model.variant", variant,
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"{out} exists and is not empty; pass a new --out directory")
     if not (study.ROOT / "train.py").is_file():
         fail(f"{study.ROOT / 'train.py'} does not exist; the study needs the training script")
-    # SIGTERM -> SystemExit, so subprocess.run kills the training run in flight instead of orphaning it.
+    # SIGTERM -> SystemExit in the main thread; run_study then kills the runs in flight.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.perf_counter()
     print(f"study: {len(settings.variants)} variants x {settings.steps} steps -> {out}", flush=True)
