@@ -302,3 +302,37 @@ def test_plot_entropy_tool(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert not (tmp_path / "missing").exists()
+
+
+# ----------------------------------------------------------------------------- study report (no training)
+
+def test_study_report_from_synthetic_runs(tmp_path):
+    from megatron_entropy.analysis import study
+
+    settings = study.StudySettings(("SM+LN+G", "SM"), steps=20)
+    outcomes = []
+    for variant in settings.variants:
+        run_dir = tmp_path / "runs" / study.slug(variant)
+        write_metrics(run_dir, layers=4, theta=False, temperature=False)
+        outcomes.append(study.RunOutcome(variant, run_dir, 0, 1.0, []))
+    summaries = [study.summarize_run(o) for o in outcomes]
+    base, sm = summaries
+    assert base["val_ppl"] == pytest.approx(math.exp(3.0)) and base["nan_total"] == 0 and not study.unstable(base)
+    assert base["early_entropy"] > base["deep_entropy"]  # the synthetic run's deep layers fall off
+    assert base["alarms"] == {"entropy_collapse": 20}
+    sm["nan_total"], sm["deep_entropy"] = 12.0, 0.01  # as if SM had diverged and collapsed
+    text = "\n".join(study.observations(summaries))
+    assert "became unstable" in text and "collapsed" in text and "Scale caveat" in text
+    report = study.write_report(tmp_path, summaries, settings, total_s=2.0).read_text()
+    assert "| SM | 20.09 | NaNs | 12 NaNs |" in report
+    for image in ("figures/entropy_bins.png", "figures/train_loss.png", "figures/heatmap_sm_ln_g.png"):
+        assert f"({image})" in report and (tmp_path / image).is_file()
+    assert study.slug("EReg(SM(t)+ScFuFFN)") == "ereg_sm_t_scfuffn"
+
+
+def test_study_summary_of_a_run_that_wrote_nothing(tmp_path):
+    from megatron_entropy.analysis import study
+
+    summary = study.summarize_run(study.RunOutcome("SM", tmp_path / "missing", 1, 0.5, []))
+    assert study.unstable(summary) and summary["entropy"] is None
+    assert "crashed" in "\n".join(study.findings_table([summary]))
