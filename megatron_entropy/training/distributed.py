@@ -79,8 +79,11 @@ def init_distributed() -> DistInfo:
         env.setdefault("MASTER_PORT", str(_free_port()))
     use_cuda = torch.cuda.is_available()
     if not dist.is_initialized():
+        # Under mpirun DeepSpeed's discovery sets MASTER_PORT to distributed_port (29500 unless
+        # given): pass the user's MASTER_PORT on, or two jobs on one node collide.
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo",
-                                   auto_mpi_discovery=launcher == "mpirun", verbose=False)
+                                   auto_mpi_discovery=launcher == "mpirun", verbose=False,
+                                   distributed_port=int(env.get("MASTER_PORT", 29500)))
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(env.get("LOCAL_RANK", env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")))
     if use_cuda:
