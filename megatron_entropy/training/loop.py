@@ -13,6 +13,7 @@ import torch.distributed as dist
 from megatron_entropy.config import Config, ConfigError, default_cache_dir
 from megatron_entropy.data import DataError
 from megatron_entropy.data.corpus import prepare_default_data
+from megatron_entropy.data.blend import BlendedDataset
 from megatron_entropy.data.dataset import GlobalBatchSampler, TokenChunkDataset, collate, slice_for_rank
 from megatron_entropy.data.indexed import IndexedTokens
 from megatron_entropy.data.tokenizer import load_tokenizer
@@ -20,7 +21,7 @@ from megatron_entropy.model.entropy import entropy_bins
 from megatron_entropy.model.gpt import GPTModel
 from megatron_entropy.parallel.random import seed_all
 from megatron_entropy.parallel.state import ParallelState
-from megatron_entropy.training import checkpoint, pipeline
+from megatron_entropy.training import checkpoint, pipeline, resilience
 from megatron_entropy.training.distributed import DistInfo
 from megatron_entropy.training.engine import build_ds_config, initialize, load_ds_config, zero_stage
 from megatron_entropy.training.metrics import MetricsLogger
@@ -32,7 +33,7 @@ from megatron_entropy.training.summaries import parameter_summaries
 class RunData:
     """The tokenizer identity and the train / validation datasets of a run."""
 
-    def __init__(self, cfg: Config, log):
+    def __init__(self, cfg: Config, log, check_tokens: bool = True):
         d, m = cfg.data, cfg.model
         tokenizer = None
         if d.train_data:
@@ -45,13 +46,19 @@ class RunData:
             train_prefixes, valid_prefixes = [default.train_prefix], [default.valid_prefix]
         self.tokenizer_path = tokenizer.path if tokenizer else None
         self.tokenizer_identity = tokenizer.identity if tokenizer else None
-        vocab = tokenizer.vocab_size if tokenizer else IndexedTokens(train_prefixes[0]).meta["vocab_size"]
+        vocab = tokenizer.vocab_size if tokenizer else IndexedTokens(train_prefixes[0], check_tokens=False).meta["vocab_size"]
         if m.vocab_size is None:
             m.vocab_size = vocab
         elif m.vocab_size < vocab:
             raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab}; unset it")
-        kwargs = dict(expected_vocab_size=vocab, expected_tokenizer_identity=self.tokenizer_identity)
-        self.train = TokenChunkDataset(train_prefixes, m.seq_length, **kwargs)
+        kwargs = dict(expected_vocab_size=vocab, expected_tokenizer_identity=self.tokenizer_identity,
+                      check_tokens=check_tokens)
+        if d.train_weights:  # a weighted blend, one dataset per prefix (data/blend.py)
+            self.train = BlendedDataset([TokenChunkDataset(p, m.seq_length, **kwargs) for p in train_prefixes],
+                                        d.train_weights, seed=d.seed, names=list(train_prefixes))
+            log(self.train.describe())
+        else:
+            self.train = TokenChunkDataset(train_prefixes, m.seq_length, **kwargs)
         self.valid = TokenChunkDataset(valid_prefixes, m.seq_length, **kwargs) if valid_prefixes else None
 
 
@@ -72,7 +79,7 @@ def is_pipeline(model) -> bool:
     return getattr(model, "is_pipeline", False)
 
 
-def train_step(engine, model: GPTModel, dataset, micro_batches, device) -> torch.Tensor:
+def train_step(engine, model: GPTModel, dataset, micro_batches, device, guard=None) -> torch.Tensor:
     """Forward/backward every micro-batch, then one optimizer step. Returns the mean LM loss."""
     if is_pipeline(model):  # DeepSpeed runs the 1F1B schedule over the micro-batches, then steps
         model.stats.micro_batches += len(micro_batches)
@@ -81,6 +88,8 @@ def train_step(engine, model: GPTModel, dataset, micro_batches, device) -> torch
     for indices in micro_batches:
         inputs, labels = collate(dataset, indices)
         loss = engine(inputs.to(device), labels.to(device))
+        if guard is not None:  # non-finite check (resilience.py); the update itself is guarded in engine.step
+            loss = guard.observe_loss(loss)
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach().float())
@@ -159,8 +168,11 @@ def run(cfg: Config, ds_config_path: str | None, info: DistInfo) -> dict:
     is_logger = info.rank == 0
     say = (lambda msg: print(msg, flush=True)) if is_logger else (lambda msg: None)
     seed_all(cfg.train.seed)
+    guard = resilience.Resilience(cfg, info, say)  # stop signals become a flag from here on
 
-    data = RunData(cfg, say)
+    # one rank builds the default corpus' shards (and checks token ranges) per node, the rest wait, then read
+    data = resilience.first_rank_per_node_first(lambda first: RunData(cfg, say, check_tokens=first),
+                                                info.rank, info.local_rank, info.world_size)
     cfg.validate(info.world_size)
     ds_config = build_ds_config(cfg, load_ds_config(ds_config_path), info.world_size,
                                 source=ds_config_path or "the DeepSpeed config")
@@ -188,6 +200,7 @@ def run(cfg: Config, ds_config_path: str | None, info: DistInfo) -> dict:
     logger = MetricsLogger(run_dir, cfg.to_dict(), is_logger, cfg.logging.wandb, cfg.logging.wandb_project,
                            cfg.train.max_steps, cfg.logging.progress_bar, start_step)
     alarms = _make_alarms(cfg)
+    guard.attach(engine, logger)
 
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
     started = window_start = time.perf_counter()
@@ -198,7 +211,8 @@ def run(cfg: Config, ds_config_path: str | None, info: DistInfo) -> dict:
         model.stats.active = log_now
         model.aux_scale.value = 1.0 / gas * _loss_scale(engine, cfg)
         micro = slice_for_rank(sampler.next_global_batch(), state.dp_rank, state.dp_size, cfg.train.micro_batch_size)
-        lm_loss = train_step(engine, model, data.train, micro, info.device)
+        guard.begin_step(step, micro)
+        lm_loss = train_step(engine, model, data.train, micro, info.device, guard)
         window_steps += 1
 
         if log_now:
@@ -211,6 +225,7 @@ def run(cfg: Config, ds_config_path: str | None, info: DistInfo) -> dict:
             record.update(stats_record(model, cfg, state, cfg.model.seq_length))
             record["loss"] = lm + record["entropy_reg_loss"]
             logger.log(record)
+            guard.after_log(record)
             for alarm in alarms.check(step, record["entropy"]) if alarms else []:
                 logger.log(alarm)
                 logger.console(f"warning: {alarm['message']}")
@@ -223,7 +238,12 @@ def run(cfg: Config, ds_config_path: str | None, info: DistInfo) -> dict:
             logger.console(f"step {step}: validation loss {last_val:.4f}, perplexity {math.exp(last_val):.2f}")
         if save_dir and cfg.train.save_interval and step % cfg.train.save_interval == 0 and step != cfg.train.max_steps:
             checkpoint.save(engine, save_dir, step, sampler, cfg, data, state, say)
+        if guard.should_stop(step):  # a stop signal or the time budget, agreed by every rank
+            break
 
+    if guard.stop_reason:  # save, requeue under Slurm, exit 0
+        return guard.stop(step, (lambda: checkpoint.save(engine, save_dir, step, sampler, cfg, data, state, say))
+                          if save_dir else None)
     step = cfg.train.max_steps
     final = {"kind": "final", "step": step, "wall_s": time.perf_counter() - started}
     if data.valid is not None:
