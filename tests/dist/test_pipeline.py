@@ -39,6 +39,8 @@ SENSITIVE = ["--train.lr", "1e-2", "--train.warmup_steps", "0", "--model.init_st
 
 PP, TP, CKPT = "--parallel.pipeline", "--parallel.tensor", ["--parallel.activation_checkpointing", "true"]
 UNIFORM = ["--parallel.pipeline_partition", "uniform"]
+# LayerNorms and a final norm, GeLU FFN, an untied output layer (the pipeline's other head path).
+LN_UNTIED = ["--model.variant", "SM+LN+G", "--model.tie_embeddings", "false"]
 
 
 def mb(n: int) -> list[str]:
@@ -52,6 +54,7 @@ LAYOUTS: dict[int, dict[str, tuple[list[str], str | None]]] = {
         "1 mb8 (GAS 1)": (mb(8), None),
         "1 mb1 (GAS 8)": (mb(1), None),
         "1 checkpointing": (CKPT, None),
+        "1 SM+LN+G untied": (LN_UNTIED, None),
     },
     2: {
         "DP2": ([], None),
@@ -63,6 +66,7 @@ LAYOUTS: dict[int, dict[str, tuple[list[str], str | None]]] = {
         "PP2": ([PP, "2"], None),
         "PP2 ZeRO-1": ([PP, "2"], ZERO[1]),
         "PP2 mb1 (GAS 8) uniform checkpointing": ([PP, "2", *mb(1), *UNIFORM, *CKPT], None),
+        "PP2 SM+LN+G untied": ([PP, "2", *LN_UNTIED], None),
     },
     4: {
         "DP2xPP2": ([PP, "2"], None),
@@ -70,6 +74,7 @@ LAYOUTS: dict[int, dict[str, tuple[list[str], str | None]]] = {
         "TP2xPP2": ([TP, "2", PP, "2"], None),
         "TP2xDP2": ([TP, "2"], None),
         "PP4 uniform checkpointing ZeRO-1": ([PP, "4", *UNIFORM, *CKPT], ZERO[1]),
+        "TP2xPP2 SM+LN+G untied": ([TP, "2", PP, "2", *LN_UNTIED], None),
     },
     8: {
         "TP2xPP2xDP2": ([TP, "2", PP, "2"], None),
@@ -134,9 +139,13 @@ def layout_runs(data_cache, tmp_path_factory) -> dict:
     return out
 
 
-@pytest.mark.parametrize("name", [n for layouts in LAYOUTS.values() for n in layouts if n != "1"])
+def reference(name: str) -> str:
+    return "1 SM+LN+G untied" if "SM+LN+G untied" in name else "1"
+
+
+@pytest.mark.parametrize("name", [n for layouts in LAYOUTS.values() for n in layouts if n != reference(n)])
 def test_layout_matches_single_process(layout_runs, name):
-    diffs = max_differences(layout_runs[name]["records"], layout_runs["1"]["records"])
+    diffs = max_differences(layout_runs[name]["records"], layout_runs[reference(name)]["records"])
     print(f"{name}: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
     assert all(v <= REL for v in diffs.values()), (name, diffs)
 
@@ -226,6 +235,7 @@ REFUSED = {
     "ZeRO-3 with PP": ([PP, "2", "--deepspeed", ZERO[3]], 4, "ZeRO stage 3 cannot be combined with pipeline parallelism"),
     "world 6, TP2 x PP2": ([TP, "2", PP, "2"], 6, "world size 6 is not a multiple of parallel.tensor x parallel.pipeline = 4"),
     "world 3, TP2": ([TP, "2"], 3, "world size 3 is not a multiple of parallel.tensor x parallel.pipeline = 2"),
+    "world 2, PP4": ([PP, "4"], 2, "parallel.tensor x parallel.pipeline = 4 exceeds the world size 2"),
 }
 
 

@@ -9,7 +9,6 @@ three runs log the same losses. Slurm's srun has its own tests (tests/slurm/).
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -35,9 +34,6 @@ LAUNCHERS = {
                ["--parallel.pipeline", "2"], "TP1 x PP2 x DP1"),
 }
 _losses: dict[str, list[float]] = {}
-# DeepSpeed's compiled ops where they already are (base_env points XDG_CACHE_HOME at the test data).
-EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions")
 
 
 @pytest.mark.parametrize("launcher", list(LAUNCHERS))
@@ -45,8 +41,7 @@ def test_two_process_job_under_launcher(run_train, launcher):
     if launcher == "mpirun" and shutil.which("mpirun") is None:
         pytest.skip("mpirun is not installed (apt-get install openmpi-bin libopenmpi-dev)")
     command, args, layout = LAUNCHERS[launcher]
-    run = run_train(TINY + args, launcher=command(free_port()), small=False, timeout=300,
-                    env_extra={"TORCH_EXTENSIONS_DIR": EXTENSIONS})
+    run = run_train(TINY + args, launcher=command(free_port()), small=False, timeout=300)
     assert f"world 2 = {layout}" in run.proc.stdout, run.proc.stdout[-3000:]
     train = run.kind("train")
     assert [r["step"] for r in train] == [1, 2]
