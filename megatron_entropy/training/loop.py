@@ -83,6 +83,7 @@ def train_step(engine, model: GPTModel, dataset, micro_batches, device, guard=No
     """Forward/backward every micro-batch, then one optimizer step. Returns the mean LM loss."""
     if is_pipeline(model):  # DeepSpeed runs the 1F1B schedule over the micro-batches, then steps
         model.stats.micro_batches += len(micro_batches)
+        model.loss_hook = guard.observe_loss if guard is not None else None  # the last stage's losses
         return engine.train_batch(pipeline.batches(dataset, micro_batches, collate, device)).detach().float()
     losses = []
     for indices in micro_batches:

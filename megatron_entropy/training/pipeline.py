@@ -95,7 +95,9 @@ def build_pipeline_model(cfg, state: ParallelState, seed: int, partition: str = 
     vocab_start = state.tp_rank * (padded // state.tp_size)
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return lm_loss(logits, labels, vocab_start, cfg.vocab_size, state.tp_group)
+        loss = lm_loss(logits, labels, vocab_start, cfg.vocab_size, state.tp_group)
+        # Each micro-batch's loss before its backward, as the PP = 1 loop sees it (resilience checks).
+        return model.loss_hook(loss) if model.loss_hook is not None else loss
 
     # DeepSpeed's gloo point-to-point "send" is a broadcast of the stage's output, which autograd
     # then meets in the backward; it passes the gradient through unchanged (the layout tests
@@ -109,6 +111,7 @@ def build_pipeline_model(cfg, state: ParallelState, seed: int, partition: str = 
     model.aux_scale, model.stats = aux_scale, stats
     model.padded_vocab = padded
     model.is_pipeline = True
+    model.loss_hook = None  # set by the training loop: loss -> loss, on the last stage
     if tied and TIED_KEY in model.tied_modules and not state.is_first_stage:
         # The last stage's copy of the embedding only lends its token matrix to the head.
         model.tied_modules[TIED_KEY].positions.requires_grad_(False)
