@@ -261,6 +261,7 @@ def run(cfg: Config, ds_config_path: str | None, info: DistInfo) -> dict:
     if is_logger and cfg.logging.figures:
         _figures(run_dir, final, say)
     logger.close()
+    guard.flag.restore()  # the signal handlers this run installed
     if is_logger and last_val is not None:
         print(f"final validation loss {last_val:.4f} | perplexity {math.exp(last_val):.2f} | "
               f"{final['wall_s']:.1f}s | metrics {run_dir / 'metrics.jsonl'}", flush=True)

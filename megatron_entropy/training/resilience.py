@@ -116,9 +116,10 @@ class StopFlag:
         self.received = signum
 
     def restore(self) -> None:
-        """Default dispositions again, so a later SIGTERM (Slurm killing a requeued job) is final."""
-        for sig in self._previous:
-            signal.signal(sig, signal.SIG_DFL)
+        """The handlers from before install() (for train.py the defaults, so that a later SIGTERM,
+        e.g. Slurm ending a requeued job, is final)."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
 
 
@@ -159,30 +160,34 @@ def first_rank_per_node_first(build, rank: int, local_rank: int, world_size: int
     if world_size == 1 or not dist.is_initialized():
         return build(True)
     phase_of_mine = 0 if rank == 0 else (1 if local_rank == 0 else 2)
-    result, mine_error = None, None
+    result, mine, failure = None, None, None
     for phase in range(3):
         if phase == phase_of_mine:
             try:
                 result = build(phase < 2)
-            except ValueError as e:  # DataError, ConfigError, CheckpointError are ValueErrors
-                mine_error = (type(e).__module__, type(e).__name__, str(e))
+            except Exception as e:  # noqa: BLE001 - every rank must learn of it, or the others hang
+                failure, mine = e, (type(e).__module__, type(e).__name__, str(e))
         errors = [None] * world_size
-        dist.all_gather_object(errors, mine_error if phase == phase_of_mine else None)
+        dist.all_gather_object(errors, mine if phase == phase_of_mine else None)
         first = next((e for e in errors if e is not None), None)
         if first is not None:
+            if failure is not None:
+                raise failure  # the rank that failed: its own exception and traceback
             raise _rebuild_error(first)
     return result
 
 
 def _rebuild_error(error: tuple[str, str, str]) -> Exception:
+    """The builder's exception on every rank: our ValueErrors (DataError, ConfigError: exit 2) as
+    themselves, anything else as a RuntimeError naming it."""
     module, name, message = error
-    try:
-        cls = getattr(sys.modules[module], name)
-        if isinstance(cls, type) and issubclass(cls, ValueError):
+    cls = getattr(sys.modules.get(module), name, None)
+    if isinstance(cls, type) and issubclass(cls, ValueError):
+        try:
             return cls(message)
-    except (KeyError, AttributeError):
-        pass
-    return ValueError(message)
+        except TypeError:
+            pass
+    return RuntimeError(f"{name} while preparing the data on another rank: {message}")
 
 
 # ----------------------------------------------------------------------------- the run's guard

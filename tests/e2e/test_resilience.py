@@ -70,6 +70,50 @@ def test_stop_flag_only_records_the_signal():
         flag.restore()
 
 
+def _phases_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from megatron_entropy.data import DataError
+    from megatron_entropy.training.resilience import first_rank_per_node_first
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    outcome = {}
+    for case in ("ok", "fail"):
+        calls = []
+
+        def build(first_on_node):
+            calls.append([time.time(), first_on_node])
+            if case == "fail" and rank == 0:
+                raise DataError("token shard x.bin is truncated; re-run tools/preprocess_data.py")
+            time.sleep(0.3 if first_on_node else 0.0)  # "building"
+            calls[-1].append(time.time())
+            return rank
+
+        try:  # two "nodes": ranks 0 | 1, 2 (local ranks 0 | 0, 1)
+            outcome[case] = {"result": first_rank_per_node_first(build, rank, [0, 0, 1][rank], world)}
+        except Exception as e:  # noqa: BLE001
+            outcome[case] = {"error": type(e).__name__, "message": str(e)}
+        outcome[case]["calls"] = calls
+    (Path(out_dir) / f"{rank}.json").write_text(json.dumps(outcome))
+    dist.destroy_process_group()
+
+
+def test_data_is_built_by_one_rank_per_node_first_and_failures_reach_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_phases_worker, args=(3, str(tmp_path / "init"), str(tmp_path)), nprocs=3, join=True)
+    out = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(3)]
+    ok = [o["ok"] for o in out]
+    assert [o["result"] for o in ok] == [0, 1, 2]
+    assert [o["calls"][0][1] for o in ok] == [True, True, False]  # first on its node: ranks 0 and 1
+    # global rank 0 finished before node 1's first rank began, which finished before the rest began
+    assert ok[0]["calls"][0][2] <= ok[1]["calls"][0][0] and ok[1]["calls"][0][2] <= ok[2]["calls"][0][0]
+    fail = [o["fail"] for o in out]
+    assert {o["error"] for o in fail} == {"DataError"}
+    assert len({o["message"] for o in fail}) == 1 and "truncated" in fail[0]["message"]
+    assert [len(o["calls"]) for o in fail] == [1, 0, 0]  # nobody else touched the data
+
+
 # ----------------------------------------------------------------------------- multi-rank runs
 
 def spawn(args: list[str], nproc: int, workdir: Path, env: dict) -> list[subprocess.Popen]:

@@ -79,6 +79,7 @@ def test_pretrain_1b_script_runs_a_tp2_dp2_cpu_job(reference_job):
     run_dir, output = reference_job["run_dir"], reference_job["output"]
     assert "world 4 = TP2 x PP1 x DP2" in output, output[-4000:]
     assert "device cpu" in output and "restart 0" in output
+    assert "default data: building" not in output  # the job read the session's cache (XDG_CACHE_HOME)
     losses = train_losses(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert losses[STEPS] < losses[1]
