@@ -7,7 +7,9 @@
   threshold. One episode for the whole model.
 
 Each alarm fires once when its condition starts and re-arms when the condition clears, so a run
-that stays collapsed for 10K steps logs one record, not one per logging interval.
+that stays collapsed for 10K steps logs one record, not one per logging interval. "Clears" has a
+small hysteresis (`rearm_margin`, 10%): a share hovering at 13/24 vs 12/24 heads would otherwise
+re-fire every few hundred steps (seen in the reduced study's SM+LN+R run).
 """
 
 from __future__ import annotations
@@ -38,14 +40,17 @@ class EntropyAlarms:
     initialisation attention is near-uniform (every head in the top bin) or, with the paper's
     temperature init 1e-2, near one-hot (collapsed), so the first logged steps can trip either
     alarm for a healthy run; a caller may pass its warm-up length here.
+    An episode ends when the layer mean rises to (1 + rearm_margin) x the collapse threshold, or
+    the top-bin share falls to (1 - rearm_margin) x overload_share.
     """
 
     def __init__(self, log_t: float, collapse_fraction: float = 0.1, overload_share: float = 0.5,
-                 grace_steps: int = 0):
+                 grace_steps: int = 0, rearm_margin: float = 0.1):
         self.log_t = float(log_t)
         self.collapse_threshold = collapse_fraction * self.log_t
         self.overload_share = float(overload_share)
         self.grace_steps = int(grace_steps)
+        self.rearm_margin = float(rearm_margin)
         self._collapsed_layers: set[int] = set()  # layers inside a collapse episode
         self._overloaded = False
 
@@ -62,9 +67,9 @@ class EntropyAlarms:
             mean = _nanmean(row)
             if math.isnan(mean):  # diverged layer: NaN counts report it; keep the episode state
                 continue
-            if mean >= self.collapse_threshold:
+            if mean >= self.collapse_threshold * (1 + self.rearm_margin):
                 self._collapsed_layers.discard(layer)  # condition cleared: re-arm
-            elif layer not in self._collapsed_layers:
+            elif mean < self.collapse_threshold and layer not in self._collapsed_layers:
                 self._collapsed_layers.add(layer)
                 records.append(_record(
                     step, COLLAPSE, layer, mean, self.collapse_threshold,
@@ -80,8 +85,10 @@ class EntropyAlarms:
         # The bins are relative to the largest observed entropy: in a fully collapsed model every
         # head sits near that (tiny) maximum. That is collapse, not overload.
         largest = max((v for row in rows for v in row if not math.isnan(v)), default=0.0)
-        if share <= self.overload_share or largest < self.collapse_threshold:
-            self._overloaded = False
+        overloaded = share > self.overload_share and largest >= self.collapse_threshold
+        if not overloaded:
+            if share <= self.overload_share * (1 - self.rearm_margin) or largest < self.collapse_threshold:
+                self._overloaded = False  # condition cleared: re-arm
             return []
         if self._overloaded:
             return []

@@ -118,7 +118,7 @@ def test_wandb_helpers_are_noops_without_a_run(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- alarms
 
 def healthy(layers=4, heads=4):
-    return [[1.5 + 0.4 * h for h in range(heads)] for _ in range(layers)]  # spread over the bins
+    return [[1.0, 1.5, 1.8, 2.6][:heads] for _ in range(layers)]  # spread over the bins: 25% on top
 
 
 def test_alarms_quiet_on_healthy_statistics():
@@ -150,6 +150,20 @@ def test_overload_fires_once_per_episode_and_rearms():
     assert checker.check(6, overloaded) == []
     assert checker.check(7, healthy()) == []
     assert len(checker.check(8, overloaded)) == 1
+
+
+def test_alarms_do_not_refire_while_hovering_at_the_threshold():
+    checker = alarms.EntropyAlarms(LOG_T, overload_share=0.5)
+    at = [[3.8, 3.7, 1.0, 1.0]] * 4  # exactly 50%: not overloaded, but not clearly healthy either
+    above = [[3.8, 3.7, 3.6, 1.0]] + [[3.8, 3.7, 1.0, 1.0]] * 3  # 9/16 = 56%
+    assert len(checker.check(1, above)) == 1
+    assert checker.check(2, at) == [] and checker.check(3, above) == []  # same episode
+    assert checker.check(4, healthy()) == [] and len(checker.check(5, above)) == 1  # cleared, re-armed
+    collapse = alarms.EntropyAlarms(LOG_T)
+    threshold = 0.1 * LOG_T
+    assert len(collapse.check(1, [[threshold * 0.9] * 4])) == 1
+    assert collapse.check(2, [[threshold * 1.05] * 4]) == [] and collapse.check(3, [[threshold * 0.9] * 4]) == []
+    assert collapse.check(4, [[threshold * 1.2] * 4]) == [] and len(collapse.check(5, [[threshold * 0.9] * 4])) == 1
 
 
 def test_alarms_grace_steps_and_nan_layers():
