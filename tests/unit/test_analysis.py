@@ -160,10 +160,13 @@ def test_alarms_do_not_refire_while_hovering_at_the_threshold():
     assert checker.check(2, at) == [] and checker.check(3, above) == []  # same episode
     assert checker.check(4, healthy()) == [] and len(checker.check(5, above)) == 1  # cleared, re-armed
     collapse = alarms.EntropyAlarms(LOG_T)
-    threshold = 0.1 * LOG_T
-    assert len(collapse.check(1, [[threshold * 0.9] * 4])) == 1
-    assert collapse.check(2, [[threshold * 1.05] * 4]) == [] and collapse.check(3, [[threshold * 0.9] * 4]) == []
-    assert collapse.check(4, [[threshold * 1.2] * 4]) == [] and len(collapse.check(5, [[threshold * 0.9] * 4])) == 1
+
+    def first_layer_at(fraction):  # layer 0's mean at fraction x the collapse threshold, others healthy
+        return [[fraction * 0.1 * LOG_T] * 4] + healthy(layers=3)
+
+    assert len(collapse.check(1, first_layer_at(0.9))) == 1
+    assert collapse.check(2, first_layer_at(1.05)) == [] and collapse.check(3, first_layer_at(0.9)) == []
+    assert collapse.check(4, first_layer_at(1.2)) == [] and len(collapse.check(5, first_layer_at(0.9))) == 1
 
 
 def test_alarms_grace_steps_and_nan_layers():
