@@ -64,12 +64,16 @@ class RunData:
 
 # ----------------------------------------------------------------------------- steps
 
-def make_model_and_engine(cfg: Config, ds_config: dict, state: ParallelState, device):
-    """The model — GPTModel, or with PP > 1 a DeepSpeed PipelineModule of the same layers — and its engine."""
+def make_model_and_engine(cfg: Config, ds_config: dict, state: ParallelState, device, prepare=None):
+    """The model — GPTModel, or with PP > 1 a DeepSpeed PipelineModule of the same layers — and its engine.
+
+    prepare(model) runs before DeepSpeed wraps the model (loading a checkpoint of another layout)."""
     if cfg.parallel.pipeline > 1:
         model = pipeline.build_pipeline_model(cfg.model, state, cfg.train.seed, cfg.parallel.pipeline_partition)
     else:
         model = GPTModel(cfg.model, state, seed=cfg.train.seed).to(device)
+    if prepare is not None:
+        prepare(model)
     pipeline.set_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
     engine, optimizer, scheduler = initialize(cfg, model, ds_config, state)
     return model, engine, optimizer, scheduler
@@ -180,14 +184,18 @@ def run(cfg: Config, ds_config_path: str | None, info: DistInfo) -> dict:
     run_dir = Path(broadcast_str(cfg.logging.run_dir or default_run_dir(cfg), state))
     cfg.logging.run_dir = str(run_dir)
 
-    model, engine, optimizer, scheduler = make_model_and_engine(cfg, ds_config, state, info.device)
+    save_dir = cfg.train.save_dir if cfg.train.save_dir is not None else str(run_dir / "checkpoints")
+    # Which checkpoint, and can DeepSpeed load it as saved? (else: weights via the shard spec, before DeepSpeed)
+    resume_plan = checkpoint.plan_resume(save_dir, cfg.train.resume, cfg, state, zero_stage(ds_config),
+                                         data.tokenizer_identity, say) if cfg.train.resume else None
+    model, engine, optimizer, scheduler = make_model_and_engine(
+        cfg, ds_config, state, info.device, prepare=resume_plan.prepare_model if resume_plan else None)
     gas = cfg.grad_accumulation_steps(info.world_size)
     sampler = GlobalBatchSampler(len(data.train), cfg.train.global_batch_size, seed=cfg.data.seed)
-    save_dir = cfg.train.save_dir if cfg.train.save_dir is not None else str(run_dir / "checkpoints")
 
     start_step = 0
-    if cfg.train.resume:
-        start_step = checkpoint.resume(engine, sampler, save_dir, cfg.train.resume, say)
+    if resume_plan is not None:
+        start_step = checkpoint.resume(engine, sampler, resume_plan, state, say)
 
     n_params = sum(p.numel() for p in model.parameters())
     say(f"megatron_entropy: {cfg.model.variant} | {cfg.model.num_layers} layers, d={cfg.model.hidden_size}, "
@@ -202,6 +210,11 @@ def run(cfg: Config, ds_config_path: str | None, info: DistInfo) -> dict:
                            cfg.train.max_steps, cfg.logging.progress_bar, start_step)
     alarms = _make_alarms(cfg)
     guard.attach(engine, logger)
+    if resume_plan is not None and resume_plan.converted and data.valid is not None:
+        # Weights came through the shard spec: show they reproduce the saved model's validation loss.
+        val = evaluate(engine, model, data.valid, cfg, state, info.device)
+        logger.log({"kind": "eval", "step": start_step, "val_loss": val, "val_ppl": math.exp(val), "resume_check": True})
+        say(f"resume check: validation loss {val:.6f} at step {start_step}")
 
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
     started = window_start = time.perf_counter()
