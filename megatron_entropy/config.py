@@ -226,8 +226,7 @@ class Config:
         return self
 
 
-# "STEP:RANK"; YAML 1.1 reads 5:1 as the base-60 integer 301, so a plain integer is read back as divmod(n, 60).
-_INJECT = re.compile(r"^\s*(\d+\s*:\s*)?\d+\s*$")
+_INJECT = re.compile(r"^\s*\d+\s*:\s*\d+\s*$")  # "STEP:RANK" (quote it in YAML files: 5:1 is base-60 there)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -338,8 +337,8 @@ def load_preset(name_or_path: str, cfg: Config | None = None, _depth: int = 0) -
     return cfg
 
 
-def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
-    """['--model.num_layers', '4', '--train.lr=1e-3'] -> [('model.num_layers', 4), ...]."""
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """['--model.num_layers', '4', '--train.lr=1e-3'] -> [('model.num_layers', '4'), ...] (raw strings)."""
     pairs, i = [], 0
     while i < len(args):
         arg = args[i]
@@ -356,22 +355,34 @@ def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
             i += 2
         if "." not in key:
             raise ConfigError(f"unknown option --{key}; config keys look like --section.key (see train.py --help)")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        if raw.lower() == "none":
-            value = None
-        elif raw == "":
-            value = ""  # an explicit empty string (e.g. --train.save_dir "" disables checkpoints)
-        pairs.append((key, value))
+        pairs.append((key, raw))
     return pairs
+
+
+def _is_str_field(annotation) -> bool:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return annotation is str or (len(args) == 1 and args[0] is str)
+
+
+def parse_cli_value(cfg: Config, dotted: str, raw: str):
+    """A command-line string as the key's type: string keys keep it verbatim (so 5:1 or 1e-4 stay
+    text), other keys are read as YAML (true, 1e-4, [a, b]); `none` is None for every key."""
+    if raw.lower() == "none":
+        return None
+    section = getattr(cfg, dotted.split(".")[0], None)
+    annotation = _section_types(section).get(dotted.split(".")[-1]) if section is not None else None
+    if annotation is not None and _is_str_field(annotation):
+        return raw
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
 
 
 def build_config(preset: str = "tiny", overrides: list[str] | None = None) -> Config:
     cfg = load_preset(preset)
-    for key, value in parse_overrides(overrides or []):
-        set_value(cfg, key, value)
+    for key, raw in parse_overrides(overrides or []):
+        set_value(cfg, key, parse_cli_value(cfg, key, raw))
     return cfg
 
 

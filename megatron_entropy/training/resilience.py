@@ -58,7 +58,6 @@ NONFINITE_EXIT_CODE = 3
 SPIKE_WINDOW = 20
 SPIKE_MIN_HISTORY = 5
 INJECT_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-SEXAGESIMAL = re.compile(r"^\s*(\d+)\s*$")  # YAML 1.1 turns "5:1" into 5 * 60 + 1 = 301
 
 
 class NonFiniteStop(SystemExit):
@@ -74,8 +73,6 @@ def parse_inject(value: str) -> tuple[int, int] | None:
     if not value:
         return None
     match = INJECT_PATTERN.match(value)
-    if match is None and SEXAGESIMAL.match(value):
-        return divmod(int(value), 60)
     if not match:
         raise ValueError(f"train.inject_nan_at={value!r} must look like STEP:RANK (e.g. 5:1) or be empty")
     return int(match.group(1)), int(match.group(2))

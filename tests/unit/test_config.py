@@ -76,4 +76,8 @@ def test_every_key_is_documented():
 
 
 def test_parse_overrides_none_and_equals():
-    assert parse_overrides(["--a.b=3", "--c.d", "none"]) == [("a.b", 3), ("c.d", None)]
+    assert parse_overrides(["--a.b=3", "--c.d", "none"]) == [("a.b", "3"), ("c.d", "none")]
+    cfg = build_config("tiny", ["--train.inject_nan_at", "5:1", "--model.variant", "SM", "--train.lr", "1e-4",
+                                "--train.save_dir", "", "--data.tokenizer", "none"])
+    assert cfg.train.inject_nan_at == "5:1" and cfg.model.variant == "SM" and cfg.train.lr == 1e-4
+    assert cfg.train.save_dir == "" and cfg.data.tokenizer is None
