@@ -101,7 +101,27 @@ def _write_json_atomic(path: Path, value) -> None:
 
 # ----------------------------------------------------------------------------- metadata
 
-def model_spec(engine, state) -> dict:
+def moments_carry(zero: int, precision: str) -> bool:
+    """Adam moments move across layouts only between fp32 ZeRO-0 runs (plain torch optimizer state)."""
+    return zero == 0 and precision == "fp32"
+
+
+def optimizer_order(engine, state) -> dict | None:
+    """This rank's DeepSpeed model file and the canonical names of its optimizer's parameters, in the
+    order of the torch optimizer state dict saved there (ZeRO-0)."""
+    from megatron_entropy.training import reshard
+
+    if state.dp_rank != 0 or getattr(engine, "optimizer", None) is None:
+        return None
+    module = engine.module
+    canonical = reshard.canonical_names(module)
+    key_of = {id(p): k for k, p in module.named_parameters(remove_duplicate=False)}
+    names = [canonical[key_of[id(p)]] for group in engine.optimizer.param_groups for p in group["params"]]
+    return {"file": int(getattr(engine, "checkpoint_mp_rank", state.tp_rank)), "tp_rank": state.tp_rank,
+            "names": names}
+
+
+def model_spec(engine, state, carry_moments: bool = False) -> dict:
     """The global shard spec and pipeline layer map (collective: every rank contributes its tensors)."""
     cached = getattr(engine, "_megatron_entropy_spec", None)
     if cached is not None:
@@ -110,21 +130,25 @@ def model_spec(engine, state) -> dict:
 
     module = engine.module
     local = {"tensors": reshard.local_spec(module, state.tp_size),
-             "layers": reshard.pipeline_layers(module) if getattr(module, "is_pipeline", False) else {}}
+             "layers": reshard.pipeline_layers(module) if getattr(module, "is_pipeline", False) else {},
+             "optimizer": optimizer_order(engine, state) if carry_moments else None}
     gathered = [local]
     if state.world_size > 1:
         gathered = [None] * state.world_size
         dist.all_gather_object(gathered, local)
-    tensors, layers = {}, {}
+    tensors, layers, optimizer = {}, {}, {}
     for part in gathered:
         for name, spec in part["tensors"].items():
             tensors.setdefault(name, spec)
         layers.update(part["layers"])
+        if part.get("optimizer"):
+            optimizer[str(part["optimizer"]["file"])] = part["optimizer"]
     cfg = module.cfg
     spec = {"tensors": dict(sorted(tensors.items())),
             "tied": {"head.output.weight": "embedding.tokens.weight"} if cfg.tie_embeddings else {}}
     result = {"shard_spec": spec,
-              "pipeline_layers": dict(sorted(layers.items(), key=lambda kv: int(kv[0]))) or None}
+              "pipeline_layers": dict(sorted(layers.items(), key=lambda kv: int(kv[0]))) or None,
+              "optimizer_layout": dict(sorted(optimizer.items(), key=lambda kv: int(kv[0]))) or None}
     engine._megatron_entropy_spec = result
     return result
 
@@ -206,14 +230,14 @@ def save(engine, save_dir: str, step: int, sampler, cfg, data, state, say=print)
         return tag_dir
     if state.rank == 0 and tag_dir.exists():  # left behind by a save that never completed
         shutil.rmtree(tag_dir, ignore_errors=True)
-    spec = model_spec(engine, state)  # collective
+    zero = int(engine.zero_optimization_stage())
+    spec = model_spec(engine, state, moments_carry(zero, cfg.train.precision))  # collective
     _barrier(state)
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     _write_json_atomic(tag_dir / RNG_FILE.format(rank=state.rank), rng_state())
     _barrier(state)  # every rank's files are on disk before the metadata and `latest`
     if state.rank == 0:
         tokenizer_file = _copy_tokenizer(data.tokenizer_path, tag_dir)
-        zero = int(engine.zero_optimization_stage())
         meta = metadata(step, sampler, cfg, data, state, engine, zero, spec, tokenizer_file)
         meta["files"] = _file_sizes(tag_dir)
         _write_json_atomic(tag_dir / METADATA_NAME, meta)
@@ -357,8 +381,9 @@ def layout_name(layout: dict) -> str:
 class ResumePlan:
     path: Path
     meta: dict
-    native: bool  # DeepSpeed loads everything; else weights through the shard spec
+    native: bool  # DeepSpeed loads everything; else weights (and ZeRO-0 Adam moments) through the shard spec
     reason: str = ""
+    carry_moments: bool = False  # this run is fp32 ZeRO-0: Adam moments can be placed into its optimizer
 
     @property
     def converted(self) -> bool:
@@ -388,7 +413,9 @@ def plan_resume(save_dir: str, resume_from: str, cfg, state, zero: int, tokenize
     same_model_layout = src["tensor"] == mine["tensor"] and src["pipeline"] == mine["pipeline"]
     src_zero = int(src.get("zero_stage", 0))
     optimizer_fits = (src_zero == zero == 0) or (src_zero == zero and src.get("data") == mine["data"])
-    if meta.get("optimizer_state", "full") != "full":
+    if meta.get("optimizer_state", "full") == "moments":
+        reason = "a resharded checkpoint: weights and Adam moments, no DeepSpeed optimizer files"
+    elif meta.get("optimizer_state", "full") != "full":
         reason = "the checkpoint holds weights only"
     elif not same_model_layout:
         reason = f"it was saved under {layout_name(src)} and this run is {layout_name(mine)}"
@@ -399,7 +426,8 @@ def plan_resume(save_dir: str, resume_from: str, cfg, state, zero: int, tokenize
     if "shard_spec" not in meta or "tensors" not in meta.get("shard_spec", {}):
         raise CheckpointError(f"{path} was saved under {layout_name(src)} without a shard spec (an older format); "
                               "resume it with that exact layout")
-    return ResumePlan(path, meta, native=False, reason=reason)
+    return ResumePlan(path, meta, native=False, reason=reason,
+                      carry_moments=moments_carry(zero, cfg.train.precision))
 
 
 def resume(engine, sampler, plan: ResumePlan, state, say=print) -> int:
@@ -430,8 +458,15 @@ def resume(engine, sampler, plan: ResumePlan, state, say=print) -> int:
         for key in ("global_steps", "global_samples", "skipped_steps"):
             if counters.get(key) is not None:
                 setattr(engine, key, int(counters[key]))
-        say(f"resuming weights only ({plan.reason}): the LR schedule, step counter and data position are "
-            "restored; the optimizer state (Adam moments) is re-initialised")
+        placed = reshard.load_moments(engine, reshard.CheckpointReader(path, meta), state) \
+            if plan.carry_moments else 0
+        if placed:
+            say(f"resuming through the shard spec ({plan.reason}): weights, Adam moments ({placed} tensors), "
+                "LR schedule, step counter and data position are restored")
+        else:
+            say(f"resuming weights only ({plan.reason}): the LR schedule, step counter and data position are "
+                "restored; the optimizer state (Adam moments) is re-initialised"
+                + ("" if plan.carry_moments else " (moments move between layouts only for fp32 ZeRO-0 runs)"))
     if meta.get("sampler"):
         sampler.load_state_dict(meta["sampler"])
     else:

@@ -38,6 +38,8 @@ from megatron_entropy.training.checkpoint import CheckpointError
 
 # Canonical tensors whose first dimension is the (padded) vocabulary.
 VOCAB_TENSORS = frozenset({"embedding.tokens.weight", "head.output.weight"})
+# Adam moments at full size (tools/reshard_checkpoint.py output), canonical names + "::exp_avg" etc.
+MOMENTS_FILE = "optimizer_moments.safetensors"
 
 
 # ----------------------------------------------------------------------------- safe loading
@@ -241,8 +243,8 @@ class CheckpointReader:
     def _tp_shards(self, t: int, wanted: set[str] | None = None) -> dict[str, torch.Tensor]:
         if self.pp > 1:
             return self._pipeline_shards(t, wanted)
-        if self.zero_stage == 3:
-            return {canonical(k): v for k, v in self._zero3_shards(t).items()}
+        if self.fp32_from_zero:
+            return {canonical(k): v for k, v in self._zero_shards(t).items()}
         state = safe_load(self.path / f"mp_rank_{t:02d}_model_states.pt")
         module = state.get("module") if isinstance(state, dict) else None
         if not isinstance(module, dict):
@@ -263,15 +265,24 @@ class CheckpointReader:
                 out.setdefault(canonical(f"{prefix}.{key}"), value)
         return out
 
-    def _zero3_shards(self, t: int) -> dict[str, torch.Tensor]:
-        """One TP rank's full (TP-local) fp32 weights from ZeRO-3 partitions (DeepSpeed's zero_to_fp32)."""
+    @property
+    def fp32_from_zero(self) -> bool:
+        """Read the weights from the fp32 ZeRO partitions: always under ZeRO-3 (the model files hold
+        none), and under ZeRO-1/2 when training was bf16/fp16 (the model files hold 16-bit copies)."""
+        precision = self.meta["layout"].get("precision", "fp32")
+        return self.pp == 1 and (self.zero_stage == 3 or (self.zero_stage in (1, 2) and precision != "fp32"))
+
+    def _zero_shards(self, t: int) -> dict[str, torch.Tensor]:
+        """One TP rank's full (TP-local) fp32 weights from ZeRO partitions (DeepSpeed's zero_to_fp32)."""
         from deepspeed.utils import zero_to_fp32
 
         suffix = f"_mp_rank_{t:02d}_"
-        files = [p for p in self.path.iterdir() if p.name.startswith("zero_pp_rank_") and suffix in p.name]
+        files = [p for p in self.path.iterdir() if "zero_pp_rank_" in p.name and suffix in p.name]
+        if self.zero_stage != 3:
+            files.append(self.path / f"mp_rank_{t:02d}_model_states.pt")
         if not any(p.name.endswith("_optim_states.pt") for p in files):
-            raise CheckpointError(f"{self.path} has no ZeRO-3 partitions for tensor-parallel rank {t}; "
-                                  "the checkpoint is incomplete")
+            raise CheckpointError(f"{self.path} has no ZeRO-{self.zero_stage} partitions for tensor-parallel "
+                                  f"rank {t}; the checkpoint is incomplete")
         with tempfile.TemporaryDirectory(prefix="me-zero3-") as tmp:
             view = Path(tmp) / "view"
             view.mkdir()
@@ -284,7 +295,7 @@ class CheckpointReader:
             except CheckpointError:
                 raise
             except Exception as e:  # DeepSpeed raises many kinds for a broken checkpoint
-                raise CheckpointError(f"cannot gather the ZeRO-3 partitions in {self.path} "
+                raise CheckpointError(f"cannot gather the ZeRO-{self.zero_stage} partitions in {self.path} "
                                       f"({type(e).__name__}: {_first_line(str(e))})") from None
         return {k: v.detach().clone() for k, v in state.items()}
 
@@ -311,7 +322,7 @@ class CheckpointReader:
     def local_state_dict(self, tp_size: int, tp_rank: int, wanted: set[str] | None = None,
                          padded_vocab: int | None = None) -> dict[str, torch.Tensor]:
         """The canonical tensors one rank of a TP-`tp_size` layout needs, already sharded."""
-        if tp_size == self.tp and self.zero_stage != 3:
+        if tp_size == self.tp:
             # Same TP: this rank's shards are the source rank's, read only that rank's files.
             shards = self._tp_shards(tp_rank, wanted)
             out = {}
@@ -332,10 +343,50 @@ class CheckpointReader:
         per_rank = self.spec["embedding.tokens.weight"]["shape"][0] // self.tp
         return max(0, min(per_rank, self.true_vocab - tp_rank * per_rank))
 
+    # -- Adam moments (fp32 ZeRO-0 checkpoints, or a resharded checkpoint's side file) -------------
+    def full_moments(self) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]] | None:
+        """(step, {name: {exp_avg, exp_avg_sq}}) at full size, vocabulary padding removed; None if absent."""
+        side = self.path / MOMENTS_FILE
+        if side.is_file():
+            from safetensors.torch import load_file
+
+            flat = load_file(str(side))
+            step = flat.pop("__step__")
+            moments: dict = {}
+            for key, value in flat.items():
+                name, kind = key.rsplit("::", 1)
+                moments.setdefault(name, {})[kind] = value
+            return step, moments
+        layout = self.meta.get("optimizer_layout")
+        if not layout or self.zero_stage != 0:
+            return None
+        parts: dict[str, dict[int, dict]] = {}
+        step = None
+        for file, entry in layout.items():
+            state = safe_load(self.path / f"mp_rank_{int(file):02d}_model_states.pt").get("optimizer") or {}
+            order = [i for group in state.get("param_groups", []) for i in group["params"]]
+            if len(order) != len(entry["names"]):
+                return None  # not the plain optimizer state we recorded: do not guess
+            for position, name in enumerate(entry["names"]):
+                moment = state.get("state", {}).get(order[position])
+                if moment and "exp_avg" in moment:
+                    parts.setdefault(name, {}).setdefault(int(entry["tp_rank"]), moment)
+                    step = moment.get("step", step)
+        if step is None:
+            return None
+        full = {}
+        for name, by_rank in parts.items():
+            if len(by_rank) != self.tp or name not in self.spec:
+                continue
+            full[name] = {kind: self._gather(name, [by_rank[t][kind] for t in range(self.tp)])
+                          for kind in ("exp_avg", "exp_avg_sq")}
+        return torch.as_tensor(step), full
+
     # -- training state that does not depend on the layout --------------------------------------
     def engine_state(self) -> dict:
         """lr_scheduler state and DeepSpeed's step counters (from TP/PP rank 0's model file)."""
-        name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if self.zero_stage == 3 else "mp_rank_00_model_states.pt"
+        name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if self.zero_stage == 3 and self.pp == 1 \
+            else "mp_rank_00_model_states.pt"
         state = safe_load(self.path / name)
         keys = ("lr_scheduler", "global_steps", "global_samples", "skipped_steps")
         return {k: state.get(k) for k in keys if isinstance(state, dict)}
@@ -382,6 +433,38 @@ def load_into_model(model: nn.Module, reader: CheckpointReader, tp_size: int, tp
                                   f"model expects {list(current.shape)}; the model settings differ")
         new[key] = value.to(dtype=current.dtype)
     model.load_state_dict(new, strict=True)
+
+
+@torch.no_grad()
+def load_moments(engine, reader: CheckpointReader, state) -> int:
+    """Place a checkpoint's Adam moments (any layout) into this fp32 ZeRO-0 run's torch optimizer.
+    Returns how many parameters got them (0: none available)."""
+    found = reader.full_moments()
+    optimizer = getattr(engine, "optimizer", None)
+    if found is None or optimizer is None or not hasattr(optimizer, "state"):
+        return 0
+    step, moments = found
+    module = engine.module
+    canonical = canonical_names(module)
+    dims = _partition_dims(module)
+    key_of = {id(p): k for k, p in module.named_parameters(remove_duplicate=False)}
+    padded = getattr(module, "padded_vocab", None)
+    placed = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            key = key_of[id(p)]
+            entry = moments.get(canonical[key])
+            if entry is None:
+                continue
+            spec = {"partition_dim": dims.get(key), "vocab_padded": canonical[key] in VOCAB_TENSORS}
+            new = {kind: shard_tensor(entry[kind], spec, state.tp_size, state.tp_rank, padded).to(p.dtype)
+                   for kind in ("exp_avg", "exp_avg_sq")}
+            if any(t.shape != p.shape for t in new.values()):
+                raise CheckpointError(f"Adam moments of {canonical[key]} do not fit this model's shard "
+                                      f"{list(p.shape)}")
+            optimizer.state[p] = {"step": step.clone().float(), **new}
+            placed += 1
+    return placed
 
 
 # ----------------------------------------------------------------------------- write a layout
@@ -492,6 +575,14 @@ def reshard_checkpoint(src, dst, tensor: int, pipeline: int, say=print) -> Path:
     try:
         write_layout(full, spec, tag_dir, tensor, pipeline, cfg.model.num_layers, padded, engine_state,
                      cfg.model.tie_embeddings)
+        moments = reader.full_moments()
+        if moments is not None:
+            from safetensors.torch import save_file
+
+            step, by_name = moments
+            flat = {f"{name}::{kind}": t.contiguous() for name, entry in by_name.items() for kind, t in entry.items()}
+            flat["__step__"] = step.reshape(()).float()
+            save_file(flat, str(tag_dir / MOMENTS_FILE))
         tokenizer = meta.get("tokenizer") or {}
         if tokenizer.get("file") and (path / tokenizer["file"]).exists():
             source = path / tokenizer["file"]
@@ -501,7 +592,8 @@ def reshard_checkpoint(src, dst, tensor: int, pipeline: int, say=print) -> Path:
         new["config"]["parallel"].update(tensor=tensor, pipeline=pipeline)
         new["layout"] = {"world_size": tensor * pipeline, "tensor": tensor, "pipeline": pipeline, "data": 1,
                          "zero_stage": 0, "precision": meta["layout"].get("precision", "fp32")}
-        new["optimizer_state"] = "none"
+        new["optimizer_state"] = "moments" if moments is not None else "none"
+        new["optimizer_layout"] = None
         new["padded_vocab_size"] = padded
         new["shard_spec"] = dict(meta["shard_spec"], tensors=spec)
         new["pipeline_layers"] = expected_pipeline_layers(cfg.model.num_layers) if pipeline > 1 else None
@@ -516,9 +608,14 @@ def reshard_checkpoint(src, dst, tensor: int, pipeline: int, say=print) -> Path:
         os.replace(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    say(f"wrote {dst / path.name} (TP{tensor} x PP{pipeline}, weights only: DeepSpeed keeps Adam's moments as "
-        "flat per-layout partitions, so a run resumed from it re-initialises the optimizer; the LR schedule, "
-        "step counter and data position are carried)")
+    if moments is not None:
+        carried = ("weights and Adam moments (an fp32 ZeRO-0 run resumed from it continues with them; other "
+                   "ZeRO stages re-initialise the optimizer)")
+    else:
+        carried = ("weights only: the source's optimizer state is in DeepSpeed's per-layout ZeRO partitions, so "
+                   "a run resumed from it re-initialises the optimizer")
+    say(f"wrote {dst / path.name} (TP{tensor} x PP{pipeline}; {carried}; the LR schedule, step counter and data "
+        "position are carried)")
     return dst / path.name
 
 
