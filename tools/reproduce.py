@@ -35,6 +35,8 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--variants", nargs="+", metavar="NAME", help=f"default: {', '.join(study.STUDY_VARIANTS)}")
     parser.add_argument("--steps", type=int, metavar="N", help="training steps per variant")
     parser.add_argument("--jobs", type=int, metavar="J", help="runs in parallel, each with CPUs/J threads (default 2)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite DIR/report.md from the runs already in DIR (same options as the study)")
     parser.add_argument("--print-commands", action="store_true", help="print the train.py commands and exit")
     return parser
 
@@ -72,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_commands:
         for command in study.settings_commands(out, settings):
             print(" ".join(study._quote(a) for a in command))
+        return 0
+    if args.report_only:
+        if not (out / "runs").is_dir():
+            fail(f"{out / 'runs'} does not exist; --report-only needs the --out directory of an earlier study")
+        print(f"report: {study.report_only(out, settings)}")
         return 0
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         fail(f"{out} exists and is not empty; pass a new --out directory")

@@ -178,7 +178,7 @@ def save_threshold_heatmap(theta, path, title=None) -> Path:
 
 
 def save_temperature_curves(records, path) -> Path:
-    """Per-layer softmax temperature over steps: mean line, min..max band (log scale)."""
+    """Per-layer softmax temperature over steps: mean line, min..max band (log scale past a decade)."""
     import matplotlib
 
     rows = train_records(records, "temperature_mean")
@@ -193,7 +193,9 @@ def save_temperature_curves(records, path) -> Path:
         if all(r.get("temperature_min") and r.get("temperature_max") for r in rows):
             ax.fill_between(steps, [_float(r["temperature_min"][layer]) for r in rows],
                             [_float(r["temperature_max"][layer]) for r in rows], color=color, alpha=0.15)
-    ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    if low > 0 and high / low > 10:  # temperatures can span decades; within one, a log axis shows no labels
+        ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("temperature t (mean, min..max)")
     ax.set_title("learnable softmax temperature per layer")

@@ -7,6 +7,7 @@ generated from those numbers, saying plainly where the small scale does not show
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -97,7 +98,20 @@ def run_variant(variant: str, out_dir: Path, settings: StudySettings, say=print)
             _RUNNING.discard(process)
     wall = time.perf_counter() - started
     say(f"{variant}: exit {returncode} in {wall:.0f}s ({run_dir / 'train.log'})")
-    return RunOutcome(variant, run_dir, returncode, wall, command)
+    outcome = RunOutcome(variant, run_dir, returncode, wall, command)
+    (run_dir / "study_run.json").write_text(json.dumps(
+        {"variant": variant, "returncode": returncode, "wall_s": wall, "command": command}, indent=1))
+    return outcome
+
+
+def load_outcome(variant: str, out_dir: Path) -> RunOutcome:
+    """A finished run of an earlier study (for --report-only); a missing record reads as a crash."""
+    run_dir = Path(out_dir) / "runs" / slug(variant)
+    try:
+        saved = json.loads((run_dir / "study_run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return RunOutcome(variant, run_dir, -1, float("nan"), [])
+    return RunOutcome(variant, run_dir, saved["returncode"], saved["wall_s"], saved["command"])
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -117,6 +131,9 @@ def summarize_run(outcome: RunOutcome, collapse_fraction: float = 0.1) -> dict:
         summary["val_loss"] = float(final["val_loss"])
         summary["val_ppl"] = _safe_exp(summary["val_loss"])
     train = plots.train_records(records)
+    temperatures = [r["temperature_mean"] for r in train if r.get("temperature_mean")]
+    if temperatures:  # per-layer mean temperature at the first and last logged step (SM(t) variants)
+        summary["temperature_start"], summary["temperature_end"] = temperatures[0], temperatures[-1]
     summary["curve"] = ([r["step"] for r in train if "lm_loss" in r], [r["lm_loss"] for r in train if "lm_loss" in r])
     summary["nan_total"] = sum(float(v or 0) for r in train for v in r.get("nan_counts") or [])
     summary["nonfinite_loss"] = any(not math.isfinite(float(r["loss"])) for r in train if r.get("loss") is not None)
@@ -164,69 +181,106 @@ def findings_table(summaries: list[dict]) -> list[str]:
         alarms = ", ".join(f"{k.replace('_', ' ')} @{v}" for k, v in s["alarms"].items()) or "none"
         lines.append(f"| {s['variant']} | {_fmt(s['val_ppl'])} | {paper_text} | {status} | {_fmt(s['early_entropy'])} | "
                      f"{_fmt(s['deep_entropy'])} | {_pct(s['top_bin'])} | {_pct(s['bottom_bin'])} | {alarms} | "
-                     f"{s['wall_s']:.0f}s |")
+                     f"{_fmt(s['wall_s'], '.0f')}s |")
     return lines
 
 
 def observations(summaries: list[dict]) -> list[str]:
     """Sentences generated from the numbers; each says whether the paper's effect shows here."""
     by = {s["variant"]: s for s in summaries}
+    return [*_perplexity_sentences(summaries, by.get(BASELINE)), *_stability_sentences(summaries),
+            *_collapse_sentences(summaries), *_overload_sentences(summaries, by.get(BASELINE)),
+            *_entropy_guidance_sentences(by.get("SM+ScFuFFN"), by.get("EReg(SM(t)+ScFuFFN)")),
+            "Scale caveat: these are CPU-sized models trained for minutes on the embedded corpus, not GPT-2 small "
+            "on 2.1B CodeParrot tokens; perplexities are not comparable to the paper's, only the direction of "
+            "effects is, and effects that need depth or long training may be absent."]
+
+
+def _perplexity_sentences(summaries, base) -> list[str]:
+    if not base or not math.isfinite(base["val_ppl"]):
+        return []
     out = []
-    base = by.get(BASELINE)
-    if base and math.isfinite(base["val_ppl"]):
-        for s in summaries:
-            if s is base or not math.isfinite(s["val_ppl"]):
-                continue
-            delta = 100 * (s["val_ppl"] / base["val_ppl"] - 1)
-            paper = PAPER_PPL_T128.get(s["variant"])
-            paper_delta = "" if paper is None or math.isnan(paper) else f" (paper: {100 * (paper / 2.69 - 1):+.1f}%)"
-            out.append(f"{s['variant']} reaches validation perplexity {s['val_ppl']:.2f}, {delta:+.1f}% vs "
-                       f"{BASELINE}{paper_delta}.")
-    sm = by.get("SM")
-    if sm:
-        if unstable(sm):
-            out.append("The Softmax-only model (SM) became unstable (NaNs, non-finite loss or a crash), as in the paper's Table 2.")
-        else:
-            out.append("The Softmax-only model (SM) trained without NaNs here; the paper's SM diverges only in a "
-                       "12-layer model over ~32K steps at lr 1e-3, far beyond this study's depth and length.")
-        if math.isfinite(sm["deep_entropy"]) and math.isfinite(sm["early_entropy"]):
-            collapsed = sm["deep_entropy"] < sm.get("collapse_threshold", 0.0)
-            lower = sm["deep_entropy"] < 0.75 * sm["early_entropy"]
-            verdict = ("its deep layers collapsed (below the collapse threshold), the paper's entropy collapse"
-                       if collapsed else "its deep layers have lower entropy than its early ones, the direction of the "
-                       "paper's entropy collapse but not collapsed to ~0 as in the paper's Fig. 3f" if lower else
-                       "no entropy collapse is visible (the paper's deep-layer collapse does not appear at this scale)")
-            out.append(f"SM: mean head entropy {sm['early_entropy']:.2f} in the early layers vs "
-                       f"{sm['deep_entropy']:.2f} in the deep layers; {verdict}.")
-    ln_free = [s for s in summaries if not s["variant"].startswith("SM+LN") and math.isfinite(s["top_bin"])]
-    if base and math.isfinite(base["top_bin"]) and ln_free:
-        worst = max(ln_free, key=lambda s: s["top_bin"])
-        shows = worst["top_bin"] > base["top_bin"] + 0.1
-        out.append(f"Entropic overload: {_pct(base['top_bin'])} of {BASELINE}'s heads are in the top entropy bin vs "
-                   f"{_pct(worst['top_bin'])} for {worst['variant']}; " +
-                   ("the LN-free model has the larger share, as in the paper (SM 45%)." if shows else
-                    "no clear overload of the LN-free models relative to the baseline at this scale "
-                    "(the paper reports 45% for SM and ~10% outside the middle bins for the baselines)."))
-    fused, ereg = by.get("SM+ScFuFFN"), by.get("EReg(SM(t)+ScFuFFN)")
-    if fused and ereg and math.isfinite(fused["val_ppl"]) and math.isfinite(ereg["val_ppl"]):
-        gain = 100 * (1 - ereg["val_ppl"] / fused["val_ppl"])
-        out.append(f"Entropy-guided attention: EReg(SM(t)+ScFuFFN) {ereg['val_ppl']:.2f} vs SM+ScFuFFN "
-                   f"{fused['val_ppl']:.2f} ({gain:+.1f}% better; paper: +7.8%). " +
-                   ("The paper's improvement shows here." if gain > 1 else
-                    "The paper's improvement does not show at this scale and training length."))
-    out.append("Scale caveat: these are CPU-sized models trained for minutes on the embedded corpus, not GPT-2 small "
-               "on 2.1B CodeParrot tokens; perplexities are not comparable to the paper's, only the direction of "
-               "effects is, and effects that need depth or long training may be absent.")
+    for s in summaries:
+        if s is base or not math.isfinite(s["val_ppl"]):
+            continue
+        delta = 100 * (s["val_ppl"] / base["val_ppl"] - 1)
+        paper = PAPER_PPL_T128.get(s["variant"])
+        paper_delta = "" if paper is None or math.isnan(paper) else f" (paper: {100 * (paper / 2.69 - 1):+.1f}%)"
+        out.append(f"{s['variant']} reaches validation perplexity {s['val_ppl']:.2f}, {delta:+.1f}% vs {BASELINE}{paper_delta}.")
     return out
 
 
-def write_report(out_dir: Path, summaries: list[dict], settings: StudySettings, total_s: float) -> Path:
+def _stability_sentences(summaries) -> list[str]:
+    out = [f"{s['variant']} became unstable (NaNs, a non-finite loss or a crash)"
+           + (", as the paper's SM does (Table 2)." if s["variant"] == "SM" else ".")
+           for s in summaries if unstable(s)]
+    if any(s["variant"] == "SM" and not unstable(s) for s in summaries):
+        out.append("The Softmax-only model (SM) trained without NaNs here; the paper's SM diverges in a 12-layer model "
+                   "over ~32K steps at lr 1e-3, far beyond this study's depth and length.")
+    return out
+
+
+def _collapse_sentences(summaries) -> list[str]:
+    out = []
+    for s in summaries:
+        if not (math.isfinite(s["deep_entropy"]) and math.isfinite(s["early_entropy"])):
+            continue
+        head = (f"{s['variant']}: mean head entropy {s['early_entropy']:.2f} in the early layers vs "
+                f"{s['deep_entropy']:.2f} in the deep layers")
+        if s["deep_entropy"] < s.get("collapse_threshold", 0.0) or s["bottom_bin"] >= 0.25:
+            text = f"{head}, {_pct(s['bottom_bin'])} of heads in the bottom bin: the deep layers collapsed"
+            start, end = s.get("temperature_start"), s.get("temperature_end")
+            if start and end:
+                text += (f". Its deepest layer's mean temperature went from {start[-1]:.3g} to {end[-1]:.3g}: logits "
+                         f"divided by t ~ {start[-1]:.2g} start ~{1 / start[-1]:.0f}x sharper than standard attention "
+                         f"(the paper's init, ambiguity A1), and this short run does not undo that")
+            out.append(text + ".")
+        elif s["variant"] == "SM":
+            lower = s["deep_entropy"] < 0.75 * s["early_entropy"]
+            out.append(head + ("; lower in depth, the direction of the paper's entropy collapse, but not ~0 as in its "
+                               "Fig. 3f." if lower else "; no entropy collapse is visible at this scale (paper Fig. 3f: "
+                               "deep layers ~0.04-0.2)."))
+    return out
+
+
+def _overload_sentences(summaries, base) -> list[str]:
+    ln_free = [s for s in summaries if not s["variant"].startswith("SM+LN") and math.isfinite(s["top_bin"])]
+    if not base or not math.isfinite(base["top_bin"]) or not ln_free:
+        return []
+    worst = max(ln_free, key=lambda s: s["top_bin"])
+    text = (f"Entropic overload: {_pct(base['top_bin'])} of {BASELINE}'s heads are in the top entropy bin vs "
+            f"{_pct(worst['top_bin'])} for {worst['variant']}; ")
+    if worst["top_bin"] > base["top_bin"] + 0.1:
+        text += "the LN-free model has the larger share, as in the paper (SM 45%)"
+    else:
+        text += "no clear overload of the LN-free models relative to the baseline at this scale"
+    if base["top_bin"] > 0.5:
+        text += (f", but the baseline itself has {_pct(base['top_bin'])} there (the paper's baselines keep ~90% of heads "
+                 "in the two middle bins): the heads have not specialised yet, so the comparison is weak")
+    return [text + "."]
+
+
+def _entropy_guidance_sentences(fused, ereg) -> list[str]:
+    if not (fused and ereg and math.isfinite(fused["val_ppl"]) and math.isfinite(ereg["val_ppl"])):
+        return []
+    gain = 100 * (1 - ereg["val_ppl"] / fused["val_ppl"])
+    return [f"Entropy-guided attention: EReg(SM(t)+ScFuFFN) {ereg['val_ppl']:.2f} vs SM+ScFuFFN {fused['val_ppl']:.2f} "
+            f"({gain:+.1f}% better; paper: +7.8%). " +
+            ("The paper's improvement shows here." if gain > 1 else
+             "The paper's improvement does not show at this scale and training length.")]
+
+
+def write_report(out_dir: Path, summaries: list[dict], settings: StudySettings, total_s: float | None) -> Path:
+    """report.md; total_s is the study's wall time (None: rewritten later, so only run times are known)."""
     out_dir = Path(out_dir)
+    run_total = sum(s["wall_s"] for s in summaries if math.isfinite(s["wall_s"]))
+    timing = (f"total wall time {total_s:.0f}s" if total_s is not None else
+              f"the runs took {run_total:.0f}s in all (report rewritten from the finished runs)")
     figures = out_dir / "figures"
     lines = ["# Reduced reproduction study", "",
              f"{len(summaries)} variants, {settings.steps} steps each, preset `{settings.preset}` with overrides "
              f"`{' '.join(settings.overrides) or '(none)'}`, {settings.jobs} run(s) at a time on {os.cpu_count()} "
-             f"CPU(s); total wall time {total_s:.0f}s. Entropies are per-head "
+             f"CPU(s); {timing}. Entropies are per-head "
              "means over query positions on the validation data of the final model; bins are relative to the "
              "model's largest head entropy m (paper Fig. 2a): top = [3m/4, m], bottom = [0, m/4); early layers = "
              "first half of the layers, deep = the rest.", "", "## Findings", "", *findings_table(summaries), "",
@@ -259,6 +313,12 @@ def settings_commands(out_dir: Path, settings: StudySettings) -> list[list[str]]
             for v in settings.variants]
 
 
+def report_only(out_dir: Path, settings: StudySettings) -> Path:
+    """Rewrite report.md from the runs already in out_dir/runs (nothing is trained)."""
+    outcomes = [load_outcome(v, out_dir) for v in settings.variants]
+    return write_report(Path(out_dir), [summarize_run(o) for o in outcomes], settings, None)
+
+
 def run_study(out_dir: Path, settings: StudySettings, say=print) -> Path:
     started = time.perf_counter()
     pool = ThreadPoolExecutor(max_workers=max(settings.jobs, 1))  # the threads only wait on processes
@@ -273,8 +333,8 @@ def run_study(out_dir: Path, settings: StudySettings, say=print) -> Path:
     return write_report(Path(out_dir), summaries, settings, time.perf_counter() - started)
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.2f}" if math.isfinite(x) else "n/a"
+def _fmt(x: float, spec: str = ".2f") -> str:
+    return format(x, spec) if math.isfinite(x) else "n/a"
 
 
 def _pct(x: float) -> str:
