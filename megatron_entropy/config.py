@@ -133,6 +133,10 @@ class LoggingConfig:
     collapse_fraction: float = 0.1  # alarm: a layer's mean entropy below this x log T
     overload_share: float = 0.5  # alarm: share of heads in the top entropy bin above this
     spike_factor: float = 1.5  # warn when a logged loss > this x the median of the last 20; 0: off
+    # Peak dense TFLOP/s of ONE device in the training dtype (e.g. 989 for H100 SXM bf16): with it,
+    # train records get `tflops` (achieved model TFLOP/s per device) and `mfu` (= tflops / peak),
+    # counting the variant's model FLOPs (analysis/flops.py). None: neither is logged.
+    peak_tflops: float | None = None
 
 
 @dataclass
@@ -216,6 +220,7 @@ class Config:
         _check(not t.inject_nan_at or _INJECT.match(t.inject_nan_at) is not None,
                f"train.inject_nan_at={t.inject_nan_at!r} must look like STEP:RANK (e.g. 5:1) or be empty")
         _check(lg.spike_factor == 0 or lg.spike_factor > 1, "logging.spike_factor must be > 1 (or 0 to disable)")
+        _check(lg.peak_tflops is None or lg.peak_tflops > 0, "logging.peak_tflops must be > 0 (or none to disable)")
         d = self.data
         _check(not d.train_weights or len(d.train_weights) == len(d.train_data),
                f"data.train_weights has {len(d.train_weights)} weights for {len(d.train_data)} data.train_data "
@@ -360,8 +365,10 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
 
 
 def _is_str_field(annotation) -> bool:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return annotation is str or (len(args) == 1 and args[0] is str)
+    """str or str | None (not list[str])."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [a for a in typing.get_args(annotation) if a is not type(None)] == [str]
+    return annotation is str
 
 
 def parse_cli_value(cfg: Config, dotted: str, raw: str):

@@ -81,3 +81,4 @@ def test_parse_overrides_none_and_equals():
                                 "--train.save_dir", "", "--data.tokenizer", "none"])
     assert cfg.train.inject_nan_at == "5:1" and cfg.model.variant == "SM" and cfg.train.lr == 1e-4
     assert cfg.train.save_dir == "" and cfg.data.tokenizer is None
+    assert build_config("tiny", ["--data.train_data", "[a, b]"]).data.train_data == ["a", "b"]
