@@ -6,7 +6,7 @@ q'_i = q_i / (t_i sqrt(d_k)). The attention *core* then only needs (q', k, v) an
 context and, when asked, every row's entropy in fp32. Cores:
   eager  materialises the probabilities (or uses PyTorch SDPA when no entropy is needed);
   fused  never materialises T x T (model/fused_attention.py: blocked CPU autograd / Triton);
-  auto   fused where it pays off (CUDA, or long sequences), eager elsewhere.
+  auto   fused where it pays off (CUDA, or T >= FUSED_AUTO_MIN_SEQ), eager elsewhere.
 Under tensor parallelism each rank owns H / tp heads: their Q/K/V columns, their temperature rows
 and their thresholds theta; its penalty covers only those heads.
 """
@@ -26,7 +26,10 @@ from megatron_entropy.parallel.mappings import copy_to_tp_region
 
 log = logging.getLogger(__name__)
 MIN_TEMPERATURE = 1e-4  # the raw temperature is clamped here in the forward (ambiguity A1)
-FUSED_AUTO_MIN_SEQ = 512  # on CPU the blocked core beats materialisation from about here
+# auto: the fused core from this sequence length on (always on CUDA). On CPU (1 thread, fp32, fwd + bwd
+# with entropy, head_dim 32) it ties with the eager core at T = 64 and is 1.35-1.8x faster at T = 128,
+# 2-2.4x at 256, 3-6x at 512 -- and needs O(T) instead of O(T^2) memory (docs/fused_attention.md).
+FUSED_AUTO_MIN_SEQ = 128
 
 
 def eager_core(q, k, v, causal: bool = True, need_entropy: bool = True):
@@ -55,24 +58,38 @@ _warned: set[str] = set()
 def _fused_core():
     try:
         from megatron_entropy.model.fused_attention import fused_entropy_attention
-    except ImportError as e:  # pragma: no cover - only when the fused module is unavailable
-        if "fused" not in _warned:
-            _warned.add("fused")
-            log.warning("fused attention core unavailable (%s); falling back to eager", e)
+    except ImportError as e:  # only when the fused module is unavailable
+        _say_once("fused-import", logging.WARNING,
+                  "attention_core: the fused attention core is unavailable (%s); falling back to eager", e)
         return None
     return fused_entropy_attention
 
 
+def _say_once(key: str, level: int, msg: str, *args) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.log(level, msg, *args)
+
+
+def select_core(name: str, q, need_entropy: bool) -> str:
+    """Which core runs: 'sdpa' (no entropy needed: PyTorch's flash/efficient kernels), 'fused' or
+    'eager'. auto = fused on CUDA or for T >= FUSED_AUTO_MIN_SEQ; fused and auto fall back to eager
+    (saying so once) when the fused core cannot be used."""
+    if not need_entropy:
+        if name == "fused":
+            _say_once("fused-no-entropy", logging.INFO,
+                      "attention_core=fused: no entropy needed on this step, using SDPA")
+        return "sdpa"
+    if name == "eager" or (name == "auto" and not (q.is_cuda or q.shape[-2] >= FUSED_AUTO_MIN_SEQ)):
+        return "eager"
+    return "fused" if _fused_core() is not None else "eager"
+
+
 def attention_core(name: str, q, k, v, need_entropy: bool):
-    """Dispatch to the configured core; 'fused' and 'auto' fall back to eager, saying so once."""
-    use_fused = name == "fused" or (name == "auto" and need_entropy and (q.is_cuda or q.shape[-2] >= FUSED_AUTO_MIN_SEQ))
-    if use_fused and need_entropy:
-        fused = _fused_core()
-        if fused is not None:
-            return fused(q, k, v, causal=True)
-    elif name == "fused" and "no-entropy" not in _warned:
-        _warned.add("no-entropy")
-        log.info("attention_core=fused: no entropy needed on this step, using SDPA")
+    """Dispatch to the configured core (select_core). Returns (context, entropy | None)."""
+    core = select_core(name, q, need_entropy)
+    if core == "fused":
+        return _fused_core()(q, k, v, causal=True)
     return eager_core(q, k, v, causal=True, need_entropy=need_entropy)
 
 
