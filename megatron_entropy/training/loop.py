@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_entropy.analysis.flops import throughput, training_flops_per_token
 from megatron_entropy.config import Config, ConfigError, default_cache_dir
 from megatron_entropy.data import DataError
 from megatron_entropy.data.corpus import prepare_default_data
@@ -217,6 +218,7 @@ def run(cfg: Config, ds_config_path: str | None, info: DistInfo) -> dict:
         say(f"resume check: validation loss {val:.6f} at step {start_step}")
 
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
+    flops_per_token = training_flops_per_token(cfg.model) if cfg.logging.peak_tflops else 0.0  # for MFU
     started = window_start = time.perf_counter()
     window_steps, last_val = 0, None
     for step in range(start_step + 1, cfg.train.max_steps + 1):
@@ -236,6 +238,7 @@ def run(cfg: Config, ds_config_path: str | None, info: DistInfo) -> dict:
                       "grad_norm": _grad_norm(engine), "tokens": step * tokens_per_step,
                       "tokens_per_s": window_steps * tokens_per_step / (now - window_start),
                       "elapsed_s": now - started}
+            record.update(throughput(flops_per_token, record["tokens_per_s"], info.world_size, cfg.logging.peak_tflops))
             record.update(stats_record(model, cfg, state, cfg.model.seq_length))
             record["loss"] = lm + record["entropy_reg_loss"]
             logger.log(record)
