@@ -24,7 +24,7 @@ class ParallelState:
     tp_rank: int = 0
     pp_rank: int = 0
     dp_rank: int = 0
-    tp_group: Any = None  # torch ProcessGroup, or None when the axis has one rank
+    tp_group: Any = None  # torch ProcessGroup (None only for ParallelState.single())
     pp_group: Any = None
     dp_group: Any = None
     model_group: Any = None  # all ranks of one model replica (TP x PP), for statistics
@@ -62,7 +62,7 @@ class ParallelState:
         replicas = [
             sorted(r for r in range(world_size) if topo.get_coord(r).data == d) for d in range(data)
         ]
-        state.model_group = _my_group(replicas if tensor * pipeline > 1 else [], rank)
+        state.model_group = _my_group(replicas, rank)
         return state
 
     @property
@@ -84,8 +84,6 @@ def _my_group(rank_lists: list[list[int]], rank: int):
     """new_group for every list (collective on all ranks); return the one containing `rank`."""
     mine = None
     for ranks in rank_lists:
-        if len(ranks) < 2:
-            continue
         group = dist.new_group(ranks=ranks)
         if rank in ranks:
             mine = group

@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_entropy.analysis.flops import throughput, training_flops_per_token
+from megatron_entropy.analysis import plots
+from megatron_entropy.analysis.alarms import EntropyAlarms, wandb_alert
 from megatron_entropy.config import Config, ConfigError, default_cache_dir
 from megatron_entropy.data import DataError
 from megatron_entropy.data.corpus import prepare_default_data
@@ -243,9 +245,11 @@ def run(cfg: Config, ds_config_path: str | None, info: DistInfo) -> dict:
             record["loss"] = lm + record["entropy_reg_loss"]
             logger.log(record)
             guard.after_log(record)
-            for alarm in alarms.check(step, record["entropy"]) if alarms else []:
+            for alarm in alarms.check(step, record["entropy"]):
                 logger.log(alarm)
                 logger.console(f"warning: {alarm['message']}")
+                if is_logger:
+                    wandb_alert(alarm)  # a no-op unless a wandb run is online
             logger.advance(step, {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"})
             window_start, window_steps = time.perf_counter(), 0
         if data.valid is not None and cfg.train.eval_interval and step % cfg.train.eval_interval == 0 \
@@ -296,26 +300,16 @@ def _grad_norm(engine) -> float | None:
 
 
 def _make_alarms(cfg: Config):
-    try:
-        from megatron_entropy.analysis.alarms import EntropyAlarms
-    except ImportError:
-        return None
-    return EntropyAlarms(math.log(cfg.model.seq_length), cfg.logging.collapse_fraction, cfg.logging.overload_share)
+    # No alarms during warm-up: attention starts near-uniform (every head in the top bin).
+    return EntropyAlarms(math.log(cfg.model.seq_length), cfg.logging.collapse_fraction, cfg.logging.overload_share,
+                         grace_steps=cfg.train.warmup_steps)
 
 
 def _figures(run_dir: Path, final: dict, say) -> None:
-    try:
-        from megatron_entropy.analysis import plots
-    except ImportError:
-        return
+    """The paper's figures from metrics.jsonl (the heatmap from the final validation entropies)."""
     try:
         paths = plots.render_run_figures(run_dir)
-        if "entropy" in final:
-            paths.append(plots.save_entropy_heatmap(final["entropy"], run_dir / "entropy_heatmap_final.png",
-                                                    title="per-head attention entropy (validation, final)"))
-        log_fn = getattr(plots, "log_figures_to_wandb", None)
-        if log_fn:
-            log_fn(paths, final["step"])
+        plots.log_figures_to_wandb(paths, final["step"])
         say(f"figures: {', '.join(str(p) for p in paths)}")
     except Exception as e:  # figures must never lose a finished run
         say(f"warning: could not draw figures ({type(e).__name__}: {e})")

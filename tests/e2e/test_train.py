@@ -65,7 +65,7 @@ def test_loss_falls_and_everything_is_logged(run_train):
     assert all(math.isfinite(r["loss"]) for r in train)
     assert run.kind("eval") and run.kind("final")[0]["val_ppl"] > 1
     assert "perplexity" in run.proc.stdout
-    assert (run.run_dir / "entropy_heatmap_final.png").stat().st_size > 1000
+    assert (run.run_dir / "figures" / "entropy_heatmap.png").stat().st_size > 1000
     assert (run.run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000040"
 
 
