@@ -12,6 +12,7 @@ setup:
 train: setup
 	.venv/bin/deepspeed train.py --deepspeed ds_configs/zero2.json
 
-# The whole test suite (what CI runs).
+# The whole test suite (what CI runs). Two workers: most tests wait on process start-up,
+# barriers and Slurm scheduling; the Slurm jobs share one worker (xdist_group "slurm").
 test: setup
-	.venv/bin/python -m pytest tests
+	.venv/bin/python -m pytest -n 2 --dist loadgroup tests

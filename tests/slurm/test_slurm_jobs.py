@@ -60,6 +60,9 @@ def job_output(workdir: Path, name: str, job_id: int) -> str:
     return path.read_text(errors="replace") if path.exists() else "(no output file)"
 
 
+# One Slurm cluster per session: keep these tests on one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("slurm")
+
 @pytest.fixture(scope="module")
 def reference_job(slurm_cluster, data_cache, tmp_path_factory):
     """The uninterrupted job: sbatch slurm/pretrain_1b.sh with the tiny/CPU override, to completion."""
