@@ -17,6 +17,9 @@ import pytest
 
 from tests.conftest import REPO, free_port
 
+# The last test compares the launchers' runs, so they must share one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("launchers")
+
 BIN = Path(sys.executable).parent
 TINY = ["--model.num_layers", "4", "--model.hidden_size", "64", "--model.num_heads", "4", "--model.seq_length", "32",
         "--data.corpus_max_bytes", "300000", "--data.tokenizer_vocab_size", "512",
