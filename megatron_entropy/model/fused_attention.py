@@ -18,6 +18,7 @@ in base 2 (s2 = s log2 e, exp2, log2) and converts lse, H and sbar back to nats.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -121,18 +122,51 @@ class _DiagonalMasks:
     and tiles right of it are never visited. Adding a mask is ~8x cheaper than masked_fill_ on CPU
     (29 vs 228 us for a 16 x 128 x 128 tile)."""
 
-    def __init__(self, causal: bool, dtype, device):
-        self.causal, self.dtype, self.device, self.cache = causal, dtype, device, {}
+    def __init__(self, causal: bool, dtype, device, num_blocks: int, blocks):
+        self.causal, self.cache = causal, {}
+        for i0, i1 in (blocks if causal else []):  # built up front: worker threads only read
+            n = i1 - i0
+            if n >= 2 and n not in self.cache:
+                upper = torch.ones(n, n, dtype=torch.bool, device=device).triu_(1)
+                self.cache[n] = torch.zeros(n, n, dtype=dtype, device=device).masked_fill_(upper, _MASKED)
 
     def __call__(self, i: int, j: int, n: int) -> torch.Tensor | None:
         if not self.causal or i != j or n < 2:
             return None
-        mask = self.cache.get(n)
-        if mask is None:
-            upper = torch.ones(n, n, dtype=torch.bool, device=self.device).triu_(1)
-            mask = torch.zeros(n, n, dtype=self.dtype, device=self.device).masked_fill_(upper, _MASKED)
-            self.cache[n] = mask
-        return mask
+        return self.cache[n]
+
+
+PARALLEL_MIN_SEQ = 256  # below this a call is too short to pay for starting threads
+
+
+def _run_rows(fn, rows: int, T: int) -> None:
+    """Run fn(r0, r1) over the batch*head rows. With one intra-op thread (or short sequences):
+    inline. With N > 1: N Python threads, each running its own range of rows with ONE intra-op
+    thread, joined at the end. Splitting the independent rows coarsely replaces thousands of small
+    OpenMP regions per call (one per tile op, each ending in a barrier) by one join: on a shared,
+    oversubscribed machine each barrier waits for a descheduled partner thread, which made the
+    2-thread fused step 4-6x slower than the 1-thread one. torch releases the GIL inside ops, so the
+    threads compute in parallel. torch.set_num_threads is per thread for OpenMP but process-wide
+    for MKL, so the caller's setting is restored afterwards."""
+    threads = torch.get_num_threads()
+    n = min(threads, rows)
+    if n <= 1 or T < PARALLEL_MIN_SEQ:
+        fn(0, rows)
+        return
+    bounds = [(rows * w // n, rows * (w + 1) // n) for w in range(n)]
+    grad_mode = torch.is_grad_enabled()
+
+    def work(r):
+        torch.set_num_threads(1)
+        with torch.set_grad_enabled(grad_mode):
+            fn(*r)
+
+    try:
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="fused_attention") as pool:
+            for future in [pool.submit(work, r) for r in bounds]:
+                future.result()  # re-raises a worker's exception here
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _key_range(i: int, num_blocks: int, causal: bool) -> range:
@@ -164,40 +198,48 @@ class BlockedEntropyAttention(torch.autograd.Function):
         lse = torch.empty(B, T, dtype=acc_dtype, device=q.device)
         ent = torch.empty_like(lse)
         mean_score = torch.empty_like(lse)  # sum_j p_ij s_ij, for the backward
-        masks = _DiagonalMasks(causal, acc_dtype, q.device)
+        masks = _DiagonalMasks(causal, acc_dtype, q.device, len(blocks), blocks)
+        out_buf = torch.empty_like(q2_buf)  # blocked like q2; written into `out` at the end
 
-        for i, (i0, i1) in enumerate(blocks):
-            m = l = a = acc = None
-            for j in _key_range(i, len(blocks), causal):
-                s = torch.bmm(q2[i], kb[j].transpose(1, 2))  # [B, bq, bk], base 2
-                mask = masks(i, j, i1 - i0)
-                if mask is not None:
-                    s.add_(mask)
-                m_blk = s.amax(-1, keepdim=True)
-                m_new = m_blk if m is None else torch.maximum(m, m_blk)
-                x = s.sub_(m_new)  # s - m_new, in place: s itself is not needed any more
-                p = x.exp2()  # exactly 0 where masked, and x is finite there: p * x = 0
-                pv = torch.bmm(p, vb[j])
-                l_blk = p.sum(-1, keepdim=True)
-                a_blk = x.mul_(p).sum(-1, keepdim=True)  # x is not needed after this either
-                if m is None:
-                    l, a, acc = l_blk, a_blk, pv
-                else:
-                    # Move the running sums to the new max. a is kept relative to the max
-                    # (sum p~ (s - m)) so that H = log l - a / l has no cancellation even when the
-                    # logits are huge (small temperatures): both terms are >= 0.
-                    shift = m.sub_(m_new)  # <= 0; the old max is not needed any more
-                    scale = shift.exp2()
-                    a = a.addcmul_(l, shift).mul_(scale).add_(a_blk)
-                    l = l.mul_(scale).add_(l_blk)
-                    acc = acc.mul_(scale).add_(pv)
-                m = m_new
-            log2_l = l.log2()
-            lse[:, i0:i1] = (m + log2_l).squeeze(-1).mul_(_LN2)
-            a_over_l = a / l
-            ent[:, i0:i1] = (log2_l - a_over_l).squeeze(-1).mul_(_LN2)
-            mean_score[:, i0:i1] = (m + a_over_l).squeeze(-1).mul_(_LN2)
-            _write_block(out, i0, i1, acc.div_(l))
+        def rows(r0: int, r1: int) -> None:  # the whole forward for batch*head rows r0:r1
+            for i, (i0, i1) in enumerate(blocks):
+                qb = q2[i][r0:r1]
+                m = l = a = acc = None
+                for j in _key_range(i, len(blocks), causal):
+                    s = torch.bmm(qb, kb[j][r0:r1].transpose(1, 2))  # [rows, bq, bk], base 2
+                    mask = masks(i, j, i1 - i0)
+                    if mask is not None:
+                        s.add_(mask)
+                    m_blk = s.amax(-1, keepdim=True)
+                    m_new = m_blk if m is None else torch.maximum(m, m_blk)
+                    x = s.sub_(m_new)  # s - m_new, in place: s itself is not needed any more
+                    p = x.exp2()  # exactly 0 where masked, and x is finite there: p * x = 0
+                    pv = torch.bmm(p, vb[j][r0:r1])
+                    l_blk = p.sum(-1, keepdim=True)
+                    a_blk = x.mul_(p).sum(-1, keepdim=True)  # x is not needed after this either
+                    if m is None:
+                        l, a, acc = l_blk, a_blk, pv
+                    else:
+                        # Move the running sums to the new max. a is kept relative to the max
+                        # (sum p~ (s - m)) so that H = log l - a / l has no cancellation even when
+                        # the logits are huge (small temperatures): both terms are >= 0.
+                        shift = m.sub_(m_new)  # <= 0; the old max is not needed any more
+                        scale = shift.exp2()
+                        a = a.addcmul_(l, shift).mul_(scale).add_(a_blk)
+                        l = l.mul_(scale).add_(l_blk)
+                        acc = acc.mul_(scale).add_(pv)
+                    m = m_new
+                log2_l = l.log2()
+                lse[r0:r1, i0:i1] = (m + log2_l).squeeze(-1).mul_(_LN2)
+                a_over_l = a / l
+                ent[r0:r1, i0:i1] = (log2_l - a_over_l).squeeze(-1).mul_(_LN2)
+                mean_score[r0:r1, i0:i1] = (m + a_over_l).squeeze(-1).mul_(_LN2)
+                torch.div(acc, l, out=out_blocks[i][r0:r1])
+
+        out_blocks = _block_views(out_buf, blocks, B, d)
+        _run_rows(rows, B, T)
+        for (i0, i1), part in zip(blocks, out_blocks):
+            _write_block(out, i0, i1, part)
 
         context = out.to(q.dtype)
         # Backward needs rowsum(dO * O) in fp32; for fp32 input `context` is that very tensor,
@@ -232,7 +274,7 @@ class BlockedEntropyAttention(torch.autograd.Function):
         shape = (b, h, T, d)
         dq = torch.empty_strided(shape, q_stride, dtype=acc_dtype, device=device)
         lse2 = (lse * _LOG2E).unsqueeze(-1)  # [B, T, 1], base 2
-        masks = _DiagonalMasks(causal, acc_dtype, device)
+        masks = _DiagonalMasks(causal, acc_dtype, device, len(blocks), blocks)
 
         # ds_ij = p_ij (dP_ij - D_i) - dH_i p_ij (log p_ij + H_i),  dP = dO v^T,
         # D_i = sum_j p_ij dP_ij = dO_i . O_i. Since H_i = lse_i - sbar_i with sbar_i = sum_j p_ij s_ij,
@@ -253,29 +295,39 @@ class BlockedEntropyAttention(torch.autograd.Function):
             c = c - dh * mean_score.unsqueeze(-1)
             dh = dh * _LN2  # dH s = (dH ln 2) s2
 
-        for i, (i0, i1) in enumerate(blocks):
-            q2b, lse_b, c_b = q2[i], lse2[:, i0:i1], c[:, i0:i1]
-            do_b = do[i] if do is not None else None
-            dh_b = dh[:, i0:i1] if dh is not None else None
-            dq_b = None
-            for j in _key_range(i, len(blocks), causal):
-                s2 = torch.bmm(q2b, kb[j].transpose(1, 2))  # base-2 scores
-                p = torch.sub(s2, lse_b)  # log2 p
-                mask = masks(i, j, i1 - i0)
-                if mask is not None:  # p = 0 there; s2 stays finite, so the terms below vanish with p
-                    p.add_(mask)
-                p = p.exp2_()
-                if do_b is not None:
-                    dv[j].baddbmm_(p.transpose(1, 2), do_b)
-                    t = torch.bmm(do_b, vb[j].transpose(1, 2)).sub_(c_b)  # dP - c
-                else:
-                    t = (-c_b).expand_as(p).clone()
-                if dh_b is not None:
-                    t.addcmul_(s2, dh_b, value=-1.0)  # - dH * s
-                ds = t.mul_(p)
-                dq_b = torch.bmm(ds, kb[j]) if dq_b is None else dq_b.baddbmm_(ds, kb[j])
-                dk[j].baddbmm_(ds.transpose(1, 2), q2b)  # = log2(e) dk: q2 is in base 2
-            _write_block(dq, i0, i1, dq_b)
+        dq_blocks = _block_views(torch.empty_like(q2_buf), blocks, B, d)
+
+        def rows(r0: int, r1: int) -> None:  # the whole backward for batch*head rows r0:r1
+            for i, (i0, i1) in enumerate(blocks):
+                q2b, lse_b, c_b = q2[i][r0:r1], lse2[r0:r1, i0:i1], c[r0:r1, i0:i1]
+                do_b = do[i][r0:r1] if do is not None else None
+                dh_b = dh[r0:r1, i0:i1] if dh is not None else None
+                dq_b = dq_blocks[i][r0:r1]
+                for j in _key_range(i, len(blocks), causal):
+                    kj = kb[j][r0:r1]
+                    s2 = torch.bmm(q2b, kj.transpose(1, 2))  # base-2 scores
+                    p = torch.sub(s2, lse_b)  # log2 p
+                    mask = masks(i, j, i1 - i0)
+                    if mask is not None:  # p = 0 there; s2 stays finite, so its terms vanish with p
+                        p.add_(mask)
+                    p = p.exp2_()
+                    if do_b is not None:
+                        dv[j][r0:r1].baddbmm_(p.transpose(1, 2), do_b)
+                        t = torch.bmm(do_b, vb[j][r0:r1].transpose(1, 2)).sub_(c_b)  # dP - c
+                    else:
+                        t = (-c_b).expand_as(p).clone()
+                    if dh_b is not None:
+                        t.addcmul_(s2, dh_b, value=-1.0)  # - dH * s
+                    ds = t.mul_(p)
+                    if j == 0:
+                        torch.bmm(ds, kj, out=dq_b)
+                    else:
+                        dq_b.baddbmm_(ds, kj)
+                    dk[j][r0:r1].baddbmm_(ds.transpose(1, 2), q2b)  # = log2(e) dk: q2 is in base 2
+
+        _run_rows(rows, B, T)
+        for (i0, i1), part in zip(blocks, dq_blocks):
+            _write_block(dq, i0, i1, part)
 
         dk_out = torch.empty_strided(shape, k_stride, dtype=acc_dtype, device=device)
         for (j0, j1), part in zip(blocks, dk):

@@ -168,3 +168,28 @@ def test_throughput_and_mfu():
     got = throughput(6e9, 50_000, 4, 989.0)  # 6 GFLOP/token x 50k tok/s over 4 devices = 75 TFLOP/s each
     assert got["tflops"] == pytest.approx(75.0)
     assert got["mfu"] == pytest.approx(75.0 / 989.0)
+
+
+def test_fused_core_threads_split_rows_exactly():
+    """With N > 1 intra-op threads and T >= PARALLEL_MIN_SEQ the CPU fused core runs batch*head
+    ranges in N Python threads (one intra-op thread each): the same results (to rounding: each
+    thread's batched matmuls see fewer batch entries), and the caller's thread count is restored."""
+    from megatron_entropy.model import fused_attention as fa
+
+    T = fa.PARALLEL_MIN_SEQ + 44  # ragged last block
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            g = torch.Generator().manual_seed(0)
+            leaves = [torch.randn(2, T, 3 * 8, generator=g).requires_grad_() for _ in range(3)]
+            q, k, v = [x.view(2, T, 3, 8).transpose(1, 2) for x in leaves]  # the model's layout
+            context, entropy = fa.blocked_entropy_attention(q, k, v, causal=True, block_size=128)
+            (context.transpose(1, 2).reshape(2, T, 24).square().sum() + entropy.square().sum()).backward()
+            assert torch.get_num_threads() == threads
+            results[threads] = [context.detach(), entropy.detach()] + [x.grad for x in leaves]
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(results[1], results[2]):  # same maths; MKL may round a smaller batch differently
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
