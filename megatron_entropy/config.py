@@ -379,7 +379,8 @@ def parse_cli_value(cfg: Config, dotted: str, raw: str):
     section = getattr(cfg, dotted.split(".")[0], None)
     annotation = _section_types(section).get(dotted.split(".")[-1]) if section is not None else None
     if annotation is not None and _is_str_field(annotation):
-        return raw
+        quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+        return raw[1:-1] if quoted else raw  # --x "''" (quotes that reached us) means the empty string
     try:
         return yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:

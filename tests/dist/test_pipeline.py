@@ -32,7 +32,7 @@ TINY = ["--model.num_layers", "4", "--model.hidden_size", "64", "--model.num_hea
         "--data.corpus_max_bytes", "300000", "--data.tokenizer_vocab_size", "512",
         "--train.global_batch_size", "8", "--train.micro_batch_size", "2", "--train.max_steps", "3",
         "--logging.log_interval", "1", "--logging.wandb", "off", "--logging.progress_bar", "false",
-        "--logging.figures", "false", "--train.save_dir", "''", "--train.eval_iters", "1"]
+        "--logging.figures", "false", "--train.save_dir", "", "--train.eval_iters", "1"]
 SENSITIVE = ["--train.lr", "1e-2", "--train.warmup_steps", "0", "--model.init_std", "0.1",
              "--model.temperature_init", "0.1", "--model.entropy_reg_coeff", "1e-2",
              "--model.entropy_reference_tokens", "64"]

@@ -61,7 +61,7 @@ def job_output(workdir: Path, name: str, job_id: int) -> str:
 
 
 # One Slurm cluster per session: keep these tests on one pytest-xdist worker.
-pytestmark = pytest.mark.xdist_group("slurm")
+pytestmark = pytest.mark.xdist_group(name="slurm")
 
 @pytest.fixture(scope="module")
 def reference_job(slurm_cluster, data_cache, tmp_path_factory):
