@@ -115,6 +115,12 @@ def test_preempted_job_saves_requeues_resumes_and_matches(slurm_cluster, data_ca
             f"{info}\n{job_output(tmp_path, 'pre', job_id)[-4000:]}"
         assert time.monotonic() < deadline, f"not requeued: {info}\n{job_output(tmp_path, 'pre', job_id)[-4000:]}"
         time.sleep(0.5)
+    # Slurm would hold the requeued job ~2 minutes; we start it now, but only once the node has torn
+    # down the first run (srun waits up to 7 s for its step), or the relaunch can fail on a busy node.
+    idle_deadline = time.monotonic() + 90
+    while slurm_cluster.run("sinfo", "-h", "-o", "%T").stdout.strip() != "idle" and time.monotonic() < idle_deadline:
+        time.sleep(0.5)
+    time.sleep(2)
     slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
     info = slurm_cluster.wait(job_id, JOB_TIMEOUT)
     output = job_output(tmp_path, "pre", job_id)
