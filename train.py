@@ -97,4 +97,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    from megatron_entropy.training.distributed import exit_process
+
+    exit_process(code)  # not sys.exit: see exit_process for the Gloo shutdown race it avoids

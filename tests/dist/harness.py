@@ -197,6 +197,9 @@ def _call_main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--call":
-        sys.exit(_call_main(sys.argv[2:]))
+        code = _call_main(sys.argv[2:])
+        from megatron_entropy.training.distributed import exit_process
+
+        exit_process(code)  # a Gloo worker thread may still hold a collective at exit (see its docstring)
     print(__doc__, file=sys.stderr)
     sys.exit(2)

@@ -145,3 +145,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    from megatron_entropy.training.distributed import exit_process
+
+    exit_process(0)  # a Gloo worker thread may still hold a collective at exit (see its docstring)
