@@ -1,13 +1,14 @@
 #!/usr/bin/env python
-"""Convert a checkpoint to another tensor/pipeline-parallel layout (weights only).
+"""Convert a checkpoint to another tensor/pipeline-parallel layout (weights, and Adam moments where readable).
 
     python tools/reshard_checkpoint.py SRC DST --tensor N --pipeline M
 
 SRC: a checkpoint directory written by train.py (a tag directory, or a save directory with
 `latest`), any TP x PP x DP layout and ZeRO stage. DST: a new directory; it becomes a save directory
 that `train.py --parallel.tensor N --parallel.pipeline M --train.resume DST` continues from. The LR
-schedule, step counter and data position are carried; the optimizer state is not (DeepSpeed keeps
-Adam's moments as flat per-layout partitions), so the resumed run re-initialises it and says so.
+schedule, step counter and data position are carried; so are Adam's moments when SRC is fp32
+ZeRO-0 or ZeRO-1/2 without pipeline parallelism (docs/checkpoints.md); otherwise the resumed run
+re-initialises the optimizer. The tool says which.
 Bad input: one `error:` line, exit code 2, nothing written.
 """
 

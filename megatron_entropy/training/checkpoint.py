@@ -101,8 +101,10 @@ def _write_json_atomic(path: Path, value) -> None:
 
 # ----------------------------------------------------------------------------- metadata
 
-def moments_carry(zero: int, precision: str) -> bool:
-    """Adam moments move across layouts only between fp32 ZeRO-0 runs (plain torch optimizer state)."""
+def records_optimizer_order(zero: int, precision: str) -> bool:
+    """fp32 ZeRO-0 checkpoints keep plain torch optimizer state, whose parameters are known only by
+    position: the metadata records their names so the moments can move to another layout. (ZeRO-1/2
+    checkpoints name them themselves, in DeepSpeed's param_slice_mappings; see training/moments.py.)"""
     return zero == 0 and precision == "fp32"
 
 
@@ -231,7 +233,7 @@ def save(engine, save_dir: str, step: int, sampler, cfg, data, state, say=print)
     if state.rank == 0 and tag_dir.exists():  # left behind by a save that never completed
         shutil.rmtree(tag_dir, ignore_errors=True)
     zero = int(engine.zero_optimization_stage())
-    spec = model_spec(engine, state, moments_carry(zero, cfg.train.precision))  # collective
+    spec = model_spec(engine, state, records_optimizer_order(zero, cfg.train.precision))  # collective
     _barrier(state)
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     _write_json_atomic(tag_dir / RNG_FILE.format(rank=state.rank), rng_state())
@@ -426,8 +428,10 @@ def plan_resume(save_dir: str, resume_from: str, cfg, state, zero: int, tokenize
     if "shard_spec" not in meta or "tensors" not in meta.get("shard_spec", {}):
         raise CheckpointError(f"{path} was saved under {layout_name(src)} without a shard spec (an older format); "
                               "resume it with that exact layout")
+    from megatron_entropy.training.moments import target_takes_moments
+
     return ResumePlan(path, meta, native=False, reason=reason,
-                      carry_moments=moments_carry(zero, cfg.train.precision))
+                      carry_moments=target_takes_moments(zero, cfg.train.precision))
 
 
 def resume(engine, sampler, plan: ResumePlan, state, say=print) -> int:
@@ -458,7 +462,9 @@ def resume(engine, sampler, plan: ResumePlan, state, say=print) -> int:
         for key in ("global_steps", "global_samples", "skipped_steps"):
             if counters.get(key) is not None:
                 setattr(engine, key, int(counters[key]))
-        placed = reshard.load_moments(engine, reshard.CheckpointReader(path, meta), state) \
+        from megatron_entropy.training import moments
+
+        placed = moments.load_into_engine(engine, reshard.CheckpointReader(path, meta), state) \
             if plan.carry_moments else 0
         if placed:
             say(f"resuming through the shard spec ({plan.reason}): weights, Adam moments ({placed} tensors), "
@@ -466,7 +472,7 @@ def resume(engine, sampler, plan: ResumePlan, state, say=print) -> int:
         else:
             say(f"resuming weights only ({plan.reason}): the LR schedule, step counter and data position are "
                 "restored; the optimizer state (Adam moments) is re-initialised"
-                + ("" if plan.carry_moments else " (moments move between layouts only for fp32 ZeRO-0 runs)"))
+                + ("" if plan.carry_moments else " (moments move into ZeRO-0 fp32 and ZeRO-1/2 runs only)"))
     if meta.get("sampler"):
         sampler.load_state_dict(meta["sampler"])
     else:

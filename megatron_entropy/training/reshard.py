@@ -171,7 +171,7 @@ def canonical_names(model: nn.Module) -> dict[str, str]:
     return names
 
 
-def _partition_dims(model: nn.Module) -> dict[str, int | None]:
+def partition_dims(model: nn.Module) -> dict[str, int | None]:
     """state-dict key -> TP partition dim, from the parameters' and modules' annotations."""
     dims = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
@@ -186,7 +186,7 @@ def _partition_dims(model: nn.Module) -> dict[str, int | None]:
 def local_spec(model: nn.Module, tp_size: int) -> dict[str, dict]:
     """Canonical name -> {shape (global, padded), partition_dim, vocab_padded, dtype, buffer} of
     the tensors this rank holds. Under ZeRO-3 the shapes come from DeepSpeed's ds_shape."""
-    names, dims = canonical_names(model), _partition_dims(model)
+    names, dims = canonical_names(model), partition_dims(model)
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(dict(model.named_buffers(remove_duplicate=False)))
@@ -343,44 +343,13 @@ class CheckpointReader:
         per_rank = self.spec["embedding.tokens.weight"]["shape"][0] // self.tp
         return max(0, min(per_rank, self.true_vocab - tp_rank * per_rank))
 
-    # -- Adam moments (fp32 ZeRO-0 checkpoints, or a resharded checkpoint's side file) -------------
+    # -- Adam moments -----------------------------------------------------------------------------
     def full_moments(self) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]] | None:
-        """(step, {name: {exp_avg, exp_avg_sq}}) at full size, vocabulary padding removed; None if absent."""
-        side = self.path / MOMENTS_FILE
-        if side.is_file():
-            from safetensors.torch import load_file
+        """(step, {name: {exp_avg, exp_avg_sq}}) at full size, vocabulary padding removed; None if absent
+        or in a layout we do not read (training/moments.py)."""
+        from megatron_entropy.training import moments
 
-            flat = load_file(str(side))
-            step = flat.pop("__step__")
-            moments: dict = {}
-            for key, value in flat.items():
-                name, kind = key.rsplit("::", 1)
-                moments.setdefault(name, {})[kind] = value
-            return step, moments
-        layout = self.meta.get("optimizer_layout")
-        if not layout or self.zero_stage != 0:
-            return None
-        parts: dict[str, dict[int, dict]] = {}
-        step = None
-        for file, entry in layout.items():
-            state = safe_load(self.path / f"mp_rank_{int(file):02d}_model_states.pt").get("optimizer") or {}
-            order = [i for group in state.get("param_groups", []) for i in group["params"]]
-            if len(order) != len(entry["names"]):
-                return None  # not the plain optimizer state we recorded: do not guess
-            for position, name in enumerate(entry["names"]):
-                moment = state.get("state", {}).get(order[position])
-                if moment and "exp_avg" in moment:
-                    parts.setdefault(name, {}).setdefault(int(entry["tp_rank"]), moment)
-                    step = moment.get("step", step)
-        if step is None:
-            return None
-        full = {}
-        for name, by_rank in parts.items():
-            if len(by_rank) != self.tp or name not in self.spec:
-                continue
-            full[name] = {kind: self._gather(name, [by_rank[t][kind] for t in range(self.tp)])
-                          for kind in ("exp_avg", "exp_avg_sq")}
-        return torch.as_tensor(step), full
+        return moments.read_full(self)
 
     # -- training state that does not depend on the layout --------------------------------------
     def engine_state(self) -> dict:
@@ -433,38 +402,6 @@ def load_into_model(model: nn.Module, reader: CheckpointReader, tp_size: int, tp
                                   f"model expects {list(current.shape)}; the model settings differ")
         new[key] = value.to(dtype=current.dtype)
     model.load_state_dict(new, strict=True)
-
-
-@torch.no_grad()
-def load_moments(engine, reader: CheckpointReader, state) -> int:
-    """Place a checkpoint's Adam moments (any layout) into this fp32 ZeRO-0 run's torch optimizer.
-    Returns how many parameters got them (0: none available)."""
-    found = reader.full_moments()
-    optimizer = getattr(engine, "optimizer", None)
-    if found is None or optimizer is None or not hasattr(optimizer, "state"):
-        return 0
-    step, moments = found
-    module = engine.module
-    canonical = canonical_names(module)
-    dims = _partition_dims(module)
-    key_of = {id(p): k for k, p in module.named_parameters(remove_duplicate=False)}
-    padded = getattr(module, "padded_vocab", None)
-    placed = 0
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            key = key_of[id(p)]
-            entry = moments.get(canonical[key])
-            if entry is None:
-                continue
-            spec = {"partition_dim": dims.get(key), "vocab_padded": canonical[key] in VOCAB_TENSORS}
-            new = {kind: shard_tensor(entry[kind], spec, state.tp_size, state.tp_rank, padded).to(p.dtype)
-                   for kind in ("exp_avg", "exp_avg_sq")}
-            if any(t.shape != p.shape for t in new.values()):
-                raise CheckpointError(f"Adam moments of {canonical[key]} do not fit this model's shard "
-                                      f"{list(p.shape)}")
-            optimizer.state[p] = {"step": step.clone().float(), **new}
-            placed += 1
-    return placed
 
 
 # ----------------------------------------------------------------------------- write a layout
@@ -609,11 +546,12 @@ def reshard_checkpoint(src, dst, tensor: int, pipeline: int, say=print) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if moments is not None:
-        carried = ("weights and Adam moments (an fp32 ZeRO-0 run resumed from it continues with them; other "
-                   "ZeRO stages re-initialise the optimizer)")
+        carried = ("weights and Adam moments (a run resumed from it under ZeRO-0 in fp32, or ZeRO-1/2, "
+                   "continues with them; ZeRO-3 and ZeRO-0 in bf16 re-initialise the optimizer)")
     else:
-        carried = ("weights only: the source's optimizer state is in DeepSpeed's per-layout ZeRO partitions, so "
-                   "a run resumed from it re-initialises the optimizer")
+        carried = ("weights only: the source's optimizer state is not in a form we read (ZeRO-3, ZeRO-1 with "
+                   "pipeline parallelism, or no optimizer step yet), so a run resumed from it re-initialises "
+                   "the optimizer")
     say(f"wrote {dst / path.name} (TP{tensor} x PP{pipeline}; {carried}; the LR schedule, step counter and data "
         "position are carried)")
     return dst / path.name

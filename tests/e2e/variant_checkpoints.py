@@ -36,7 +36,7 @@ def perturb(model, tp_size: int, tp_rank: int) -> None:
     """Layout-independent perturbation: full-size noise from a generator seeded by the canonical name."""
     from megatron_entropy.training import reshard
 
-    names, dims = reshard.canonical_names(model), reshard._partition_dims(model)
+    names, dims = reshard.canonical_names(model), reshard.partition_dims(model)
     tensors = dict(model.named_parameters(remove_duplicate=False))
     for key, param in tensors.items():
         name = names.get(key)
