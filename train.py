@@ -97,7 +97,21 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
+    try:
+        code = main(sys.argv[1:])
+    except SystemExit as e:  # _fail via split_args, argparse-style exits
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # noqa: BLE001 -- printed as Python would, then the same clean exit
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    if "torch.distributed" not in sys.modules:
+        sys.exit(code)  # --help, bad config: torch was never loaded
     from megatron_entropy.training.distributed import exit_process
 
     exit_process(code)  # not sys.exit: see exit_process for the Gloo shutdown race it avoids

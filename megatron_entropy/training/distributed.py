@@ -11,6 +11,7 @@ gloo on CPU, NCCL on CUDA.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import socket
 import subprocess
@@ -107,7 +108,8 @@ def exit_process(code: int) -> NoReturn:
     SIGABRT) although the run succeeded: 2 in 20 two-rank torchrun runs of the tiny job here, and
     pytorch/pytorch#179291 for the same race. destroy_process_group() cannot prevent it (it does
     not join Gloo's worker threads), so after it we run the atexit handlers (wandb, logging) and
-    MPI_Finalize while the interpreter is fully alive, flush stdout/stderr, and leave with os._exit.
+    MPI_Finalize while the interpreter is fully alive, flush stdout/stderr (Python's and C's), and
+    leave with os._exit. Non-daemon threads are not waited for: join your own before calling this.
     """
     import torch.distributed as dist
 
@@ -122,4 +124,8 @@ def exit_process(code: int) -> NoReturn:
             stream.flush()
         except (OSError, ValueError):  # closed or broken pipe: nothing left to save
             pass
+    try:
+        ctypes.CDLL(None).fflush(None)  # what C/C++ code (DeepSpeed ops, Gloo) left in stdio buffers
+    except (OSError, AttributeError):
+        pass
     os._exit(code)

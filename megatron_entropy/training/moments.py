@@ -103,8 +103,9 @@ def _zero12_shards(reader):
     shards: dict[int, dict] = {}
     step = None
     for t in range(reader.tp):
-        files = sorted(reader.path.glob(f"zero_pp_rank_*_mp_rank_{t:02d}_optim_states.pt"),
-                       key=lambda p: int(p.name.split("_")[3]))  # zero_pp_rank_<D>_...: DP rank order
+        # [bf16_]zero_pp_rank_<D>_mp_rank_<TT>_optim_states.pt, in DP rank order
+        files = sorted(reader.path.glob(f"*zero_pp_rank_*_mp_rank_{t:02d}_optim_states.pt"),
+                       key=lambda p: int(p.name.split("zero_pp_rank_")[1].split("_")[0]))
         if not files:
             raise CheckpointError(f"{reader.path} has no ZeRO-{reader.zero_stage} optimizer partitions for "
                                   f"tensor-parallel rank {t}; the checkpoint is incomplete")
@@ -157,13 +158,16 @@ def load_into_engine(engine, reader, state) -> int:
     step, moments = found
     local = _local_moments(engine.module, moments, state)
     if hasattr(optimizer, "single_partition_of_fp32_groups"):  # DeepSpeedZeroOptimizer (ZeRO-1/2)
+        if getattr(optimizer, "round_robin_gradients", False) and state.dp_size > 1:
+            return 0  # DeepSpeed's fragment map does not follow the round-robin order of the flat buffer
         return _place_in_zero_partitions(optimizer, local, step)
     if isinstance(optimizer, torch.optim.Optimizer):  # ZeRO-0, fp32: the torch optimizer itself
         placed = 0
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if id(p) in local:
-                    optimizer.state[p] = {"step": step.clone().float().reshape(()), **local[id(p)]}
+                    moments = {kind: value.to(p.device) for kind, value in local[id(p)].items()}
+                    optimizer.state[p] = {"step": step.clone().float().reshape(()), **moments}
                     placed += 1
         return placed
     return 0

@@ -262,6 +262,31 @@ def test_zero2_adam_moments_move_to_another_layout(data_cache, tmp_path):
     assert _moment_differences(from_partitions, from_side_file) == {"exp_avg": 0.0, "exp_avg_sq": 0.0}
 
 
+def test_bf16_zero2_checkpoint_reshards_with_its_moments(data_cache, tmp_path):
+    """bf16 runs name their partitions bf16_zero_pp_rank_*: the fp32 moments are read from them too,
+    and a ZeRO-2 run resumed from the resharded copy takes them."""
+    from megatron_entropy.training import checkpoint as ckpt
+    from megatron_entropy.training.reshard import CheckpointReader
+
+    bf16 = STEPS + ["--train.max_steps", "2", "--train.precision", "bf16",
+                    "--deepspeed", str(REPO / "ds_configs/zero2.json")]
+    source = tmp_path / "bf16"
+    train(data_cache, source, bf16)
+    saved = source / "checkpoints" / "step_0000002"
+    assert any(p.name.startswith("bf16_zero_pp_rank_") for p in saved.iterdir())
+    converted = tmp_path / "converted"
+    code, out, err = run_tool("reshard_checkpoint.py", [str(saved), str(converted), "--tensor", "2"])
+    assert code == 0 and "weights and Adam moments" in out, err
+    path, meta = ckpt.open_checkpoint(saved)
+    step, from_partitions = CheckpointReader(path, meta).full_moments()
+    path, meta = ckpt.open_checkpoint(converted / "step_0000002")
+    _, from_side_file = CheckpointReader(path, meta).full_moments()
+    assert int(step) == 2 and len(from_partitions) > 10
+    assert _moment_differences(from_partitions, from_side_file) == {"exp_avg": 0.0, "exp_avg_sq": 0.0}
+    proc = train(data_cache, tmp_path / "resumed", bf16 + ["--train.max_steps", "3", "--train.resume", str(converted)])
+    assert "Adam moments (" in proc.stdout, proc.stdout[-2000:]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def _bad_checkpoints(good: Path, root: Path) -> dict[str, Path]:
