@@ -166,8 +166,8 @@ def load_into_engine(engine, reader, state) -> int:
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if id(p) in local:
-                    moments = {kind: value.to(p.device) for kind, value in local[id(p)].items()}
-                    optimizer.state[p] = {"step": step.clone().float().reshape(()), **moments}
+                    on_device = {kind: value.to(p.device) for kind, value in local[id(p)].items()}
+                    optimizer.state[p] = {"step": step.clone().float().reshape(()), **on_device}
                     placed += 1
         return placed
     return 0

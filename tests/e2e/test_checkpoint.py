@@ -204,6 +204,25 @@ def test_reshard_tp2pp2_to_tp1_and_tp1_to_tp2pp2(killed_run, data_cache, tmp_pat
     print("TP1 -> TP2xPP2 with moments: relative loss differences at steps 3, 4:",
           [f"{abs(continued[k][0] - uninterrupted[k][0]) / abs(uninterrupted[k][0]):.1e}" for k in (3, 4)])
 
+    # The moments two steps after each conversion are the uninterrupted runs' (re-initialised ones would
+    # lack 0.9^2 of steps 1-2's history): TP2 x PP2 ZeRO-0 partitions -> side file -> TP1 ZeRO-1, and
+    # TP1 ZeRO-0 -> TP2 x PP2 ZeRO-0, compared with the TP2 x PP2 source (all runs see the same data).
+    reference = _full_moments(source / "checkpoints" / "step_0000004")
+    for run in (resumed, target):
+        differences = _moment_differences(reference, _full_moments(run / "checkpoints" / "step_0000004"))
+        assert all(d <= 1e-5 for d in differences.values()), (run.name, differences)
+        print(f"step-4 moments of {run.name} vs the TP2xPP2 source: {differences}")
+
+
+def _full_moments(tag_dir: Path) -> dict:
+    from megatron_entropy.training import checkpoint as ckpt
+    from megatron_entropy.training.reshard import CheckpointReader
+
+    path, meta = ckpt.open_checkpoint(tag_dir)
+    found = CheckpointReader(path, meta).full_moments()
+    assert found is not None, f"{tag_dir} holds no readable Adam moments"
+    return found[1]
+
 
 def _moment_differences(a, b) -> dict[str, float]:
     """Largest |a - b| over all tensors, per moment kind, relative to that kind's largest |a|. (A
@@ -211,6 +230,7 @@ def _moment_differences(a, b) -> dict[str, float]:
     so their moments are rounding noise of order 1e-11.)"""
     out = {}
     for kind in ("exp_avg", "exp_avg_sq"):
+        assert sorted(a) == sorted(b), sorted(set(a) ^ set(b))
         scale = max(float(a[n][kind].abs().max()) for n in a)
         out[kind] = max(float((a[n][kind] - b[n][kind]).abs().max()) for n in a) / scale
     return out
