@@ -383,9 +383,11 @@ def layout_name(layout: dict) -> str:
 class ResumePlan:
     path: Path
     meta: dict
-    native: bool  # DeepSpeed loads everything; else weights (and ZeRO-0 Adam moments) through the shard spec
+    native: bool  # DeepSpeed loads everything; else weights (and Adam moments) through the shard spec
     reason: str = ""
-    carry_moments: bool = False  # this run is fp32 ZeRO-0: Adam moments can be placed into its optimizer
+    carry_moments: bool = False  # this run's optimizer can take Adam moments (moments.target_takes_moments)
+    keep_fp32: bool = False  # a 16-bit run: keep the fp32 weights for its optimizer's master copies
+    fp32_weights: dict | None = None  # this rank's fp32 tensors (canonical names), between the two steps
 
     @property
     def converted(self) -> bool:
@@ -398,8 +400,11 @@ class ResumePlan:
         from megatron_entropy.training import reshard
 
         state = model.state
-        reshard.load_into_model(model, reshard.CheckpointReader(self.path, self.meta), state.tp_size,
-                                state.tp_rank, padded_vocab=model.padded_vocab)
+        tensors = reshard.load_into_model(model, reshard.CheckpointReader(self.path, self.meta), state.tp_size,
+                                          state.tp_rank, padded_vocab=model.padded_vocab)
+        # A bf16/fp16 run builds its fp32 master weights from the 16-bit copies DeepSpeed makes of these;
+        # keep the checkpoint's fp32 values to put into the masters once the engine exists (resume()).
+        self.fp32_weights = tensors if self.keep_fp32 else None
 
 
 def plan_resume(save_dir: str, resume_from: str, cfg, state, zero: int, tokenizer_identity, say=print):
@@ -431,7 +436,8 @@ def plan_resume(save_dir: str, resume_from: str, cfg, state, zero: int, tokenize
     from megatron_entropy.training.moments import target_takes_moments
 
     return ResumePlan(path, meta, native=False, reason=reason,
-                      carry_moments=target_takes_moments(zero, cfg.train.precision))
+                      carry_moments=target_takes_moments(zero, cfg.train.precision),
+                      keep_fp32=cfg.train.precision != "fp32")
 
 
 def resume(engine, sampler, plan: ResumePlan, state, say=print) -> int:
@@ -473,6 +479,12 @@ def resume(engine, sampler, plan: ResumePlan, state, say=print) -> int:
             say(f"resuming weights only ({plan.reason}): the LR schedule, step counter and data position are "
                 "restored; the optimizer state (Adam moments) is re-initialised"
                 + ("" if plan.carry_moments else " (moments move into ZeRO-0 fp32 and ZeRO-1/2 runs only)"))
+        if plan.fp32_weights is not None:
+            masters = moments.place_fp32_masters(engine, plan.fp32_weights)
+            plan.fp32_weights = None
+            if masters:
+                say(f"the fp32 master weights ({masters} tensors) are the checkpoint's fp32 values, not "
+                    "their 16-bit copies")
     if meta.get("sampler"):
         sampler.load_state_dict(meta["sampler"])
     else:

@@ -18,7 +18,8 @@ Where a run takes them
                   in the partition it lies. Any precision: the partitions are fp32 master copies.
 
 Full-size moments are sharded for the target exactly like the weights (reshard.shard_tensor), and
-the Adam step counter comes along, so bias correction continues where the source stopped.
+the Adam step counter comes along, so bias correction continues where the source stopped. A 16-bit
+run also gets the checkpoint's fp32 weights as its master copies (place_fp32_masters).
 """
 
 from __future__ import annotations
@@ -211,3 +212,22 @@ def _place_in_zero_partitions(optimizer, local: dict, step: torch.Tensor) -> int
             optimizer.optimizer.state[partition] = {"step": step.clone().float().reshape(()), **buffers}
             placed += found
     return placed
+
+
+@torch.no_grad()
+def place_fp32_masters(engine, tensors: dict[str, torch.Tensor]) -> int:
+    """Write a checkpoint's fp32 weights (this rank's shards, canonical names) into a bf16/fp16 run's
+    fp32 master partitions (ZeRO-1/2 and DeepSpeed's bf16 optimizer), which DeepSpeed would otherwise
+    build by widening the 16-bit copies; returns how many parameters of this rank's partition got them."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    module = engine.module
+    canonical_of = canonical_names(module)
+    done = set()
+    for key, p in module.named_parameters(remove_duplicate=False):
+        value = tensors.get(canonical_of[key])
+        if id(p) in done or getattr(p, "_hp_mapping", None) is None or value is None or value.dtype != torch.float32:
+            continue  # seen (tied), not in this DP rank's partition, or no fp32 value to give
+        safe_set_full_fp32_param(p, value.to(p.device))
+        done.add(id(p))
+    return len(done)

@@ -388,8 +388,9 @@ def shard_tensor(full: torch.Tensor, spec: dict, tp_size: int, tp_rank: int,
 
 @torch.no_grad()
 def load_into_model(model: nn.Module, reader: CheckpointReader, tp_size: int, tp_rank: int,
-                    padded_vocab: int) -> None:
-    """Copy a checkpoint's weights (any layout) into this rank's shards of `model` (before DeepSpeed)."""
+                    padded_vocab: int) -> dict[str, torch.Tensor]:
+    """Copy a checkpoint's weights (any layout) into this rank's shards of `model` (before DeepSpeed);
+    returns those shards as read (canonical names, the checkpoint's precision: fp32 for our runs)."""
     names = canonical_names(model)
     own = model.state_dict()
     wanted = {names[k] for k in own}
@@ -402,6 +403,7 @@ def load_into_model(model: nn.Module, reader: CheckpointReader, tp_size: int, tp
                                   f"model expects {list(current.shape)}; the model settings differ")
         new[key] = value.to(dtype=current.dtype)
     model.load_state_dict(new, strict=True)
+    return tensors
 
 
 # ----------------------------------------------------------------------------- write a layout

@@ -284,7 +284,9 @@ def test_zero2_adam_moments_move_to_another_layout(data_cache, tmp_path):
 
 def test_bf16_zero2_checkpoint_reshards_with_its_moments(data_cache, tmp_path):
     """bf16 runs name their partitions bf16_zero_pp_rank_*: the fp32 moments are read from them too,
-    and a ZeRO-2 run resumed from the resharded copy takes them."""
+    and a ZeRO-2 run resumed from the resharded copy takes them, and the fp32 master weights."""
+    import torch
+
     from megatron_entropy.training import checkpoint as ckpt
     from megatron_entropy.training.reshard import CheckpointReader
 
@@ -303,8 +305,19 @@ def test_bf16_zero2_checkpoint_reshards_with_its_moments(data_cache, tmp_path):
     _, from_side_file = CheckpointReader(path, meta).full_moments()
     assert int(step) == 2 and len(from_partitions) > 10
     assert _moment_differences(from_partitions, from_side_file) == {"exp_avg": 0.0, "exp_avg_sq": 0.0}
-    proc = train(data_cache, tmp_path / "resumed", bf16 + ["--train.max_steps", "3", "--train.resume", str(converted)])
-    assert "Adam moments (" in proc.stdout, proc.stdout[-2000:]
+    # Resumed in another layout (TP2 -> TP1) for zero further steps, its final checkpoint's fp32 master
+    # weights are the source's exactly, not the source's rounded to bf16 and widened again.
+    resumed = tmp_path / "resumed"
+    proc = train(data_cache, resumed, bf16 + ["--train.resume", str(converted)])
+    assert "Adam moments (" in proc.stdout and "fp32 master weights" in proc.stdout, proc.stdout[-2000:]
+    path, meta = ckpt.open_checkpoint(saved)
+    before = CheckpointReader(path, meta).full_state_dict()
+    path, meta = ckpt.open_checkpoint(resumed / "checkpoints" / "step_0000002")
+    after = CheckpointReader(path, meta).full_state_dict()
+    assert sorted(before) == sorted(after)
+    assert all(torch.equal(before[name], after[name]) for name in before), \
+        max(float((before[n] - after[n]).abs().max()) for n in before)
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in before.values())  # masters are not bf16 values
 
 
 # ----------------------------------------------------------------------------- bad input
