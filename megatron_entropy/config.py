@@ -59,7 +59,7 @@ class ModelConfig:
     qk_bias: bool = True  # the authors' harness has Q/K biases, none on V, O and the FFN
     init_std: float = 0.02
     embedding_dropout: float = 0.0
-    attention_core: str = "auto"  # eager | fused | auto
+    attention_core: str = "auto"  # auto | eager | fused | sdpa
     tie_embeddings: bool = True
 
     def spec(self) -> BlockSpec:
@@ -179,7 +179,7 @@ class Config:
         _check(m.temperature_param in ("log", "raw"), f"model.temperature_param={m.temperature_param!r} must be log or raw")
         _check(m.alpha_init != 0, "model.alpha_init must be non-zero (the FFN output is divided by alpha)")
         _check(m.entropy_reduction in ("token_mean", "paper_sum"), f"model.entropy_reduction={m.entropy_reduction!r} must be token_mean or paper_sum")
-        _check(m.attention_core in ("auto", "eager", "fused"), f"model.attention_core={m.attention_core!r} must be auto, eager or fused")
+        _check(m.attention_core in ("auto", "eager", "fused", "sdpa"), f"model.attention_core={m.attention_core!r} must be auto, eager, fused or sdpa")
         _check(m.vocab_size is None or m.vocab_size >= 2, "model.vocab_size must be >= 2 (or unset to take the tokenizer's)")
         _check(0 <= m.embedding_dropout < 1, "model.embedding_dropout must be in [0, 1)")
         _check(p.tensor >= 1 and p.pipeline >= 1, "parallel.tensor and parallel.pipeline must be >= 1")

@@ -4,9 +4,13 @@ Head h of layer l divides its logits in query row i by t[h, i] * sqrt(d_k) (pape
 "SM(t)"). Because that is a per-row scale, we fold it into q before the core: scores = q' k^T with
 q'_i = q_i / (t_i sqrt(d_k)). The attention *core* then only needs (q', k, v) and returns the
 context and, when asked, every row's entropy in fp32. Cores:
-  eager  materialises the probabilities (or uses PyTorch SDPA when no entropy is needed);
+  eager  materialises the probabilities;
   fused  never materialises T x T (model/fused_attention.py: blocked CPU autograd / Triton);
-  auto   fused where it pays off (CUDA, or T >= FUSED_AUTO_MIN_SEQ), eager elsewhere.
+  auto   fused where it pays off (CUDA, or T >= FUSED_AUTO_MIN_SEQ), eager elsewhere;
+  sdpa   as auto, but PyTorch SDPA whenever no entropy is needed, even with a learnable temperature.
+Every configured core takes PyTorch SDPA on steps that need neither the entropy nor a temperature
+gradient (e.g. variants without SM(t), evaluation). Both our cores return the gradient of
+softmax(s - row max) so that the temperature's gradient stays exact at small t (select_core).
 Under tensor parallelism each rank owns H / tp heads: their Q/K/V columns, their temperature rows
 and their thresholds theta; its penalty covers only those heads.
 """
@@ -33,23 +37,56 @@ FUSED_AUTO_MIN_SEQ = 128
 
 
 def eager_core(q, k, v, causal: bool = True, need_entropy: bool = True):
-    """Reference core. q already carries every logit scale. Returns (context, entropy | None)."""
-    if not need_entropy:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0), None
-    scores = q.float() @ k.float().transpose(-1, -2)
+    """Reference core. q already carries every logit scale. Returns (context, entropy | None).
+    Computes in fp32 from the materialised T x T probabilities (the entropy only when asked)."""
+    q, k = q.float(), k.float()
+    scores = q @ k.transpose(-1, -2)
     if causal:
         T = scores.shape[-1]
         allowed = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~allowed, float("-inf"))
+    scores = scores - _row_mean_score_grad(scores)
     log_probs = torch.log_softmax(scores, dim=-1)
     probs = log_probs.exp()
+    context = probs.to(v.dtype) @ v
+    if not need_entropy:
+        return context, None
     # H_i = -sum_j p_ij log p_ij. Each log p <= 0 in floating point, so H >= 0 even for the very
     # sharp rows a small temperature makes (lse - sum p s would cancel catastrophically there).
     # Masked entries have p = 0 and must not contribute 0 * -inf.
     if causal:
         log_probs = log_probs.masked_fill(~allowed, 0.0)
     entropy = -(probs * log_probs).sum(dim=-1)
-    return (probs.to(v.dtype) @ v), entropy
+    return context, entropy
+
+
+def sdpa_core(q, k, v, causal: bool = True):
+    """PyTorch's fused attention (flash / memory-efficient kernels): context only. Its backward
+    forms D = rowsum(dO * O) as FlashAttention does, without our row-max re-centring, so the
+    gradient of a learnable temperature is ~6e-4 off at t = 1e-2 and ~3e-2 at t = 1e-3 (fp32,
+    docs/fused_attention.md): used only where no temperature gradient flows, or when asked."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0), None
+
+
+def _row_mean_score_grad(scores):
+    """_row_mean_score's value, with the gradient of sum_j p_ij s_ij for p held constant."""
+    with torch.no_grad():
+        p = torch.softmax(scores, dim=-1)
+    return (p * scores.nan_to_num(neginf=0.0)).sum(-1, keepdim=True)
+
+
+def _row_mean_score(scores):
+    """c_i = sum_j p_ij s_ij [..., T, 1] with p = softmax(s) held constant (no gradient).
+
+    Subtracting c changes no probability (softmax is shift invariant) and, in exact arithmetic,
+    no gradient either: ds_ij = dx_ij - p_ij sum_k dx_ik and sum_k dx_ik = 0. In fp32 that row
+    sum is a rounding residual r_i, and it matters for the temperature: t scales q, so
+    dt_i = -q_i . dq_i / t = -sum_j ds_ij s_ij / t, where r_i meets the logits' size (~10^3 at
+    t = 1e-3). Re-centring ds removes r_i before it meets them: the eager core's dt error at
+    t = 1e-3 drops from 4e-3 to ~1e-4 (docs/fused_attention.md, "Accuracy")."""
+    with torch.no_grad():
+        p = torch.softmax(scores, dim=-1)
+        return (p * scores.nan_to_num(neginf=0.0)).sum(-1, keepdim=True)
 
 
 _warned: set[str] = set()
@@ -71,25 +108,32 @@ def _say_once(key: str, level: int, msg: str, *args) -> None:
         log.log(level, msg, *args)
 
 
-def select_core(name: str, q, need_entropy: bool) -> str:
-    """Which core runs: 'sdpa' (no entropy needed: PyTorch's flash/efficient kernels), 'fused' or
-    'eager'. auto = fused on CUDA or for T >= FUSED_AUTO_MIN_SEQ; fused and auto fall back to eager
-    (saying so once) when the fused core cannot be used."""
-    if not need_entropy:
+def select_core(name: str, q, need_entropy: bool, temperature_grad: bool = False) -> str:
+    """Which core runs: 'sdpa' (PyTorch's flash/efficient kernels), 'fused' or 'eager'.
+
+    SDPA cannot return the entropy, and its backward gives a learnable temperature a gradient that
+    is off at small temperatures (sdpa_core), so it runs only when neither is needed -- or always
+    when no entropy is needed under attention_core=sdpa. auto = fused on CUDA or for
+    T >= FUSED_AUTO_MIN_SEQ, eager below; fused and auto fall back to eager (saying so once) when
+    the fused core cannot be used."""
+    if not need_entropy and (name == "sdpa" or not temperature_grad):
         if name == "fused":
             _say_once("fused-no-entropy", logging.INFO,
-                      "attention_core=fused: no entropy needed on this step, using SDPA")
+                      "attention_core=fused: no entropy and no temperature gradient needed, using SDPA")
         return "sdpa"
-    if name == "eager" or (name == "auto" and not (q.is_cuda or q.shape[-2] >= FUSED_AUTO_MIN_SEQ)):
+    if name == "eager" or (name in ("auto", "sdpa") and not (q.is_cuda or q.shape[-2] >= FUSED_AUTO_MIN_SEQ)):
         return "eager"
     return "fused" if _fused_core() is not None else "eager"
 
 
-def attention_core(name: str, q, k, v, need_entropy: bool):
+def attention_core(name: str, q, k, v, need_entropy: bool, temperature_grad: bool = False):
     """Dispatch to the configured core (select_core). Returns (context, entropy | None)."""
-    core = select_core(name, q, need_entropy)
+    core = select_core(name, q, need_entropy, temperature_grad)
+    if core == "sdpa":
+        return sdpa_core(q, k, v, causal=True)
     if core == "fused":
-        return _fused_core()(q, k, v, causal=True)
+        context, entropy = _fused_core()(q, k, v, causal=True)
+        return context, entropy if need_entropy else None
     return eager_core(q, k, v, causal=True, need_entropy=need_entropy)
 
 
@@ -165,7 +209,10 @@ class ParallelSelfAttention(nn.Module):
         q = q * scale.to(q.dtype)[None, :, :, None]
         want_penalty = self.theta is not None and self.training
         want_stats = stats is not None and stats.active
-        context, entropy = attention_core(self.core, q, k, v, need_entropy=want_penalty or want_stats)
+        temperature = self.log_temperature if self.log_temperature is not None else self.temperature
+        temperature_grad = temperature is not None and temperature.requires_grad and torch.is_grad_enabled()
+        context, entropy = attention_core(self.core, q, k, v, need_entropy=want_penalty or want_stats,
+                                          temperature_grad=temperature_grad)
         out = self.o(context.transpose(1, 2).reshape(b, T, self.heads_local * self.head_dim))
 
         penalty = None

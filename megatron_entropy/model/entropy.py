@@ -164,9 +164,17 @@ class EntropyRegularization:
 
     @staticmethod
     def compute_entropy(attention_matrix: torch.Tensor) -> torch.Tensor:
-        """Row entropy [..., T] of attention probabilities [..., T, T], in fp32."""
+        """Row entropy [..., T] of attention probabilities [..., T, T], in fp32.
+
+        Masked keys have p = 0 exactly. Their term is 0, and so must be its gradient's effect:
+        xlogy(p, p) has the value 0 there but the gradient log 0 = -inf, which the softmax
+        backward turns into NaN in every query/key gradient of the row (sum_j p_j g_j = 0 * inf).
+        log of where(p > 0, p, 1) is 0 at p = 0 with a zero gradient, and log p elsewhere, so
+        the gradient is -(log p + 1) wherever p > 0 -- the official -sum p log(p + 1e-9)'s up to
+        that epsilon -- and finite at p = 0, where the softmax backward multiplies it by p = 0."""
         p = attention_matrix.float()
-        return -torch.special.xlogy(p, p).sum(dim=-1)
+        log_p = torch.log(torch.where(p > 0, p, torch.ones_like(p)))
+        return -(p * log_p).sum(dim=-1)
 
     def compute_loss(self, attentions, reg_threshold_weights, num_heads: int, num_layers: int) -> torch.Tensor:
         context_size = self.context_size or attentions[0].shape[-1]

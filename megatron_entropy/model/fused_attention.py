@@ -9,10 +9,12 @@ saved log-sum-exp. On CUDA with Triton available the same maths runs as Triton k
 The maths and the measured numbers are in docs/fused_attention.md.
 
 Notation (per batch*head, per query row i): s_ij = q_i . k_j (q already carries every scale),
-m_i running max, l_i = sum_j exp(s_ij - m_i), a_i = sum_j exp(s_ij - m_i) (s_ij - m_i),
-lse_i = m_i + log l_i, H_i = log l_i - a_i / l_i, O_i = sum_j exp(s_ij - m_i) v_j / l_i,
-sbar_i = sum_j p_ij s_ij = m_i + a_i / l_i (= lse_i - H_i). The PyTorch path computes all of these
-in base 2 (s2 = s log2 e, exp2, log2) and converts lse, H and sbar back to nats.
+m_i the row max, x_ij = s_ij - m_i <= 0, l_i = sum_j exp(x_ij), a_i = sum_j exp(x_ij) x_ij,
+xbar_i = a_i / l_i (the p-weighted mean of x), H_i = log l_i - xbar_i, O_i = sum_j exp(x_ij) v_j / l_i.
+Every row quantity is kept RELATIVE TO THE ROW MAX, never as a logit-sized number (lse, sum p s):
+with small temperatures the logits reach ~10^3 and a difference of two such numbers loses the
+digits the gradient lives in (docs/fused_attention.md, "Accuracy"). The PyTorch path computes all of
+these in base 2 (s2 = s log2 e, exp2, log2) and returns H in nats.
 """
 
 from __future__ import annotations
@@ -176,13 +178,13 @@ def _key_range(i: int, num_blocks: int, causal: bool) -> range:
 
 
 class BlockedEntropyAttention(torch.autograd.Function):
-    """Online-softmax attention + row entropy; saves q, k, v (as blocked copies), the output, lse
-    and the p-weighted mean score sbar per row only -- O(T d) per head.
+    """Online-softmax attention + row entropy; saves q, k, v (as blocked copies), the output and
+    three numbers per row (max m, log l, xbar: all base 2) -- O(T d) per head.
 
     Scores are kept in base 2 inside (q is multiplied by log2 e once, O(T d)): p = 2^(s2 - m2).
     On CPU `exp2` is ~3x cheaper than `exp` (82 vs 228 us for a 16 x 128 x 128 tile), and the
-    exponential was the most expensive elementwise op of both passes. lse and the entropy are
-    returned in nats. Outputs and gradients take the memory layout of the inputs, so the model's
+    exponential was the most expensive elementwise op of both passes. The entropy is returned in
+    nats. Outputs and gradients take the memory layout of the inputs, so the model's
     transposes between [b, h, T, d] and [b, T, h*d] stay views."""
 
     @staticmethod
@@ -195,23 +197,30 @@ class BlockedEntropyAttention(torch.autograd.Function):
         k_buf, kb = _split_blocks(k, blocks, acc_dtype)
         v_buf, vb = _split_blocks(v, blocks, acc_dtype)
         out = torch.empty_like(q, dtype=acc_dtype)
-        lse = torch.empty(B, T, dtype=acc_dtype, device=q.device)
-        ent = torch.empty_like(lse)
-        mean_score = torch.empty_like(lse)  # sum_j p_ij s_ij, for the backward
+        # Per row, for the backward: the max m2, log2 l and xbar2 = sum_j p_ij (s2_ij - m2) (base 2),
+        # and the index of the key holding the max (exact as a float: T < 2^24).
+        row_stats = torch.empty(4, B, T, dtype=acc_dtype, device=q.device)
+        max2, log2_sum, xbar2, argmax = row_stats.unbind(0)
+        ent = torch.empty(B, T, dtype=acc_dtype, device=q.device)
         masks = _DiagonalMasks(causal, acc_dtype, q.device, len(blocks), blocks)
         out_buf = torch.empty_like(q2_buf)  # blocked like q2; written into `out` at the end
 
         def rows(r0: int, r1: int) -> None:  # the whole forward for batch*head rows r0:r1
             for i, (i0, i1) in enumerate(blocks):
                 qb = q2[i][r0:r1]
-                m = l = a = acc = None
+                m = l = a = acc = arg = None
                 for j in _key_range(i, len(blocks), causal):
                     s = torch.bmm(qb, kb[j][r0:r1].transpose(1, 2))  # [rows, bq, bk], base 2
                     mask = masks(i, j, i1 - i0)
                     if mask is not None:
                         s.add_(mask)
-                    m_blk = s.amax(-1, keepdim=True)
-                    m_new = m_blk if m is None else torch.maximum(m, m_blk)
+                    m_blk, arg_blk = s.max(-1, keepdim=True)
+                    arg_blk = arg_blk.add_(blocks[j][0])
+                    if m is None:
+                        m_new, arg = m_blk, arg_blk
+                    else:
+                        arg = torch.where(m_blk > m, arg_blk, arg)
+                        m_new = torch.maximum(m, m_blk)
                     x = s.sub_(m_new)  # s - m_new, in place: s itself is not needed any more
                     p = x.exp2()  # exactly 0 where masked, and x is finite there: p * x = 0
                     pv = torch.bmm(p, vb[j][r0:r1])
@@ -229,11 +238,13 @@ class BlockedEntropyAttention(torch.autograd.Function):
                         l = l.mul_(scale).add_(l_blk)
                         acc = acc.mul_(scale).add_(pv)
                     m = m_new
-                log2_l = l.log2()
-                lse[r0:r1, i0:i1] = (m + log2_l).squeeze(-1).mul_(_LN2)
-                a_over_l = a / l
-                ent[r0:r1, i0:i1] = (log2_l - a_over_l).squeeze(-1).mul_(_LN2)
-                mean_score[r0:r1, i0:i1] = (m + a_over_l).squeeze(-1).mul_(_LN2)
+                log2_l = l.log2().squeeze(-1)
+                a_over_l = (a / l).squeeze(-1)
+                max2[r0:r1, i0:i1] = m.squeeze(-1)
+                log2_sum[r0:r1, i0:i1] = log2_l
+                xbar2[r0:r1, i0:i1] = a_over_l
+                argmax[r0:r1, i0:i1] = arg.squeeze(-1)
+                ent[r0:r1, i0:i1] = (log2_l - a_over_l).mul_(_LN2)
                 torch.div(acc, l, out=out_blocks[i][r0:r1])
 
         out_blocks = _block_views(out_buf, blocks, B, d)
@@ -246,8 +257,10 @@ class BlockedEntropyAttention(torch.autograd.Function):
         # for bf16/fp16 the fp32 output is kept (O(T d), negligible next to T^2) so D is exact.
         # q, k, v are saved as their blocked copies (q in base 2), which is what the backward
         # reads; in the model nothing else holds on to q, k, v, so this costs no extra memory.
+        # The backward recomputes every score tile with the same bmm on the same buffers, so it
+        # sees the forward's scores bit for bit and the saved max is exactly one of them.
         out_saved = context if q.dtype == acc_dtype else out
-        ctx.save_for_backward(q2_buf, k_buf, v_buf, out_saved, lse, mean_score)
+        ctx.save_for_backward(q2_buf, k_buf, v_buf, out_saved, row_stats)
         ctx.causal, ctx.block_size = causal, block_size
         ctx.inputs = [(torch.empty_like(x, device="meta").stride(), x.dtype, x.device) for x in (q, k, v)]
         ctx.set_materialize_grads(False)  # an unused output gets None: skip its term
@@ -257,7 +270,7 @@ class BlockedEntropyAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_context, d_entropy):
-        q2_buf, k_buf, v_buf, out, lse, mean_score = ctx.saved_tensors
+        q2_buf, k_buf, v_buf, out, row_stats = ctx.saved_tensors
         causal, block_size = ctx.causal, ctx.block_size
         b, h, T, d = out.shape
         B = b * h
@@ -273,57 +286,72 @@ class BlockedEntropyAttention(torch.autograd.Function):
         (q_stride, q_dtype, device), (k_stride, k_dtype, _), (v_stride, v_dtype, _) = ctx.inputs
         shape = (b, h, T, d)
         dq = torch.empty_strided(shape, q_stride, dtype=acc_dtype, device=device)
-        lse2 = (lse * _LOG2E).unsqueeze(-1)  # [B, T, 1], base 2
+        max2, log2_sum, xbar2, argmax = (x.unsqueeze(-1) for x in row_stats.unbind(0))  # [B, T, 1]
+        # k at each row's argmax: q_i . k_max(i) is the row max m_i (see the correction below).
+        k_at_max = torch.cat(kb, dim=1).gather(1, argmax.long().expand(B, T, d))  # [B, T, d]
         masks = _DiagonalMasks(causal, acc_dtype, device, len(blocks), blocks)
 
         # ds_ij = p_ij (dP_ij - D_i) - dH_i p_ij (log p_ij + H_i),  dP = dO v^T,
-        # D_i = sum_j p_ij dP_ij = dO_i . O_i. Since H_i = lse_i - sbar_i with sbar_i = sum_j p_ij s_ij,
-        # log p_ij + H_i = s_ij - sbar_i: lse cancels out exactly. We use that form. With
-        # log p_ij + H_i instead, the rounding of lse (~eps |lse|, a row constant) does not cancel,
-        # and where a row is nearly uniform (log p + H ~ 0, e.g. at initialisation) the entropy
-        # part of dq and dk came out ~1e-3 off in fp32, against ~1e-7 for the eager core.
-        # Collect the per-row constants once: ds = p * (dP - c - dH * s) with c = D - dH * sbar,
-        # and s = ln 2 * s2 (the tile's base-2 scores).
+        # D_i = sum_j p_ij dP_ij = dO_i . O_i, and, relative to the row max (x = s - m, base 2):
+        #   log p_ij + H_i = ln2 (x2_ij - log2 l_i) + ln2 (log2 l_i - xbar2_i) = ln2 (x2_ij - xbar2_i),
+        #   p_ij = 2^(x2_ij - log2 l_i).
+        # Each term is formed from x2 (exact where p matters: s2 and m2 are close there, so their
+        # difference is exact) and row numbers of the size of log T -- never from two numbers of
+        # the logits' size, whose difference in fp32 carries an error ~eps |s| that the
+        # temperature's gradient (sum_j ds_ij s_ij / t) multiplies by |s| once more.
         if d_context is not None:
             do = _split_blocks(d_context, blocks, acc_dtype)[1]
-            c = (d_context.to(acc_dtype) * out.to(acc_dtype)).sum(-1).reshape(B, T, 1)
+            D = (d_context.to(acc_dtype) * out.to(acc_dtype)).sum(-1).reshape(B, T, 1)
         else:
-            do, c = None, lse2.new_zeros(B, T, 1)
-        dh = None
-        if d_entropy is not None:
-            dh = d_entropy.reshape(B, T, 1).to(acc_dtype)
-            c = c - dh * mean_score.unsqueeze(-1)
-            dh = dh * _LN2  # dH s = (dH ln 2) s2
+            do, D = None, None
+        dh = None if d_entropy is None else d_entropy.reshape(B, T, 1).to(acc_dtype) * _LN2
 
         dq_blocks = _block_views(torch.empty_like(q2_buf), blocks, B, d)
+        dk_at_max = torch.zeros(B, T, d, dtype=acc_dtype, device=device)  # see the correction below
+        max_index = argmax.long().expand(B, T, d)
 
         def rows(r0: int, r1: int) -> None:  # the whole backward for batch*head rows r0:r1
             for i, (i0, i1) in enumerate(blocks):
-                q2b, lse_b, c_b = q2[i][r0:r1], lse2[r0:r1, i0:i1], c[r0:r1, i0:i1]
+                q2b = q2[i][r0:r1]
+                m_b, logl_b, xbar_b = max2[r0:r1, i0:i1], log2_sum[r0:r1, i0:i1], xbar2[r0:r1, i0:i1]
                 do_b = do[i][r0:r1] if do is not None else None
+                D_b = D[r0:r1, i0:i1] if D is not None else None
                 dh_b = dh[r0:r1, i0:i1] if dh is not None else None
                 dq_b = dq_blocks[i][r0:r1]
+                ds_rowsum = None
                 for j in _key_range(i, len(blocks), causal):
                     kj = kb[j][r0:r1]
-                    s2 = torch.bmm(q2b, kj.transpose(1, 2))  # base-2 scores
-                    p = torch.sub(s2, lse_b)  # log2 p
+                    x = torch.bmm(q2b, kj.transpose(1, 2)).sub_(m_b)  # x2 = s2 - m2 <= 0
+                    p = torch.sub(x, logl_b)  # log2 p
                     mask = masks(i, j, i1 - i0)
-                    if mask is not None:  # p = 0 there; s2 stays finite, so its terms vanish with p
+                    if mask is not None:  # p = 0 there; x stays finite, so its terms vanish with p
                         p.add_(mask)
                     p = p.exp2_()
                     if do_b is not None:
                         dv[j][r0:r1].baddbmm_(p.transpose(1, 2), do_b)
-                        t = torch.bmm(do_b, vb[j][r0:r1].transpose(1, 2)).sub_(c_b)  # dP - c
+                        g = torch.bmm(do_b, vb[j][r0:r1].transpose(1, 2)).sub_(D_b)  # dP - D
+                        if dh_b is not None:
+                            g.addcmul_(x.sub_(xbar_b), dh_b, value=-1.0)  # - dH ln2 (x2 - xbar2)
                     else:
-                        t = (-c_b).expand_as(p).clone()
-                    if dh_b is not None:
-                        t.addcmul_(s2, dh_b, value=-1.0)  # - dH * s
-                    ds = t.mul_(p)
+                        g = x.sub_(xbar_b).mul_(-dh_b)
+                    ds = g.mul_(p)
                     if j == 0:
                         torch.bmm(ds, kj, out=dq_b)
+                        ds_rowsum = ds.sum(-1, keepdim=True)
                     else:
                         dq_b.baddbmm_(ds, kj)
+                        ds_rowsum.add_(ds.sum(-1, keepdim=True))
                     dk[j][r0:r1].baddbmm_(ds.transpose(1, 2), q2b)  # = log2(e) dk: q2 is in base 2
+                # sum_j ds_ij = 0 exactly (softmax is shift invariant); in fp32 it is a rounding
+                # residual r_i. The temperature's gradient is -q_i . dq_i / t = -sum_j ds_ij s_ij / t,
+                # where r_i meets the row's logit size: it adds -r_i m_i / t, which at small t
+                # exceeds the true value (D_i = dO_i . O_i is one source of r_i). We return the
+                # gradient of softmax(s_ij - s_i,max(i)) instead -- the same function, whose
+                # gradient differs only by terms that are zero in exact arithmetic: -r_i k_max(i)
+                # in dq_i and -r_i q_i in dk_max(i). Then -q_i . dq_i = -sum_j ds_ij (s_ij - m_i):
+                # the residual meets x-sized numbers only. The eager core does the same.
+                dq_b.addcmul_(ds_rowsum, k_at_max[r0:r1, i0:i1], value=-1.0)
+                dk_at_max[r0:r1].scatter_add_(1, max_index[r0:r1, i0:i1], ds_rowsum * q2b)
 
         _run_rows(rows, B, T)
         for (i0, i1), part in zip(blocks, dq_blocks):
@@ -331,6 +359,7 @@ class BlockedEntropyAttention(torch.autograd.Function):
 
         dk_out = torch.empty_strided(shape, k_stride, dtype=acc_dtype, device=device)
         for (j0, j1), part in zip(blocks, dk):
+            part.sub_(dk_at_max[:, j0:j1])
             _write_block(dk_out, j0, j1, part, scale=_LN2)
         if dv is not None:
             dv_out = torch.empty_strided(shape, v_stride, dtype=acc_dtype, device=device)

@@ -3,11 +3,15 @@
 Same contract and maths as `fused_attention.py` (see docs/fused_attention.md):
   forward   one program per (query block, batch*head): online softmax over key blocks, carrying
             m (running max), l = sum exp(s - m), a = sum exp(s - m) (s - m) and the context;
-            writes O, lse = m + log l and H = log l - a / l.
+            writes O, H = log l - a / l and, for the backward, m, log l, xbar = a / l and the
+            index of the row's largest score.
   backward  FlashAttention-2 split, no atomics: one kernel per key block accumulates dK, dV over
             the query blocks that see it; one kernel per query block accumulates dQ. Both
-            recompute p = exp(s - lse) and use ds = p * (dP - c - dH * log p), c = D + dH * H,
-            D = rowsum(dO * O).
+            recompute x = s - m, p = exp(x - log l) and use ds = p * (dP - D - dH * (x - xbar)),
+            D = rowsum(dO * O): every term relative to the row max, none a difference of two
+            logit-sized numbers. The dQ kernel also returns the gradient of softmax(s - s_max)
+            (the residual sum_j ds_ij times k at the argmax), which keeps the temperature's
+            gradient exact at small temperatures; docs/fused_attention.md has the analysis.
 Inputs are fp16/bf16/fp32 with fp32 accumulation; fp32 dots run in IEEE fp32 (no TF32) so that the
 fp32 path matches the reference to fp32 rounding. Any T (the tail block is masked) and any
 head_dim <= 128 (padded to a power of two >= 16 in registers, masked on load/store).
@@ -43,10 +47,11 @@ def _load_rows(ptr, base, idx, T, D, offs_d, d_ok):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, ENT, T, D, CAUSAL: tl.constexpr,
+def _fwd_kernel(Q, K, V, O, ROW, IDX, ENT, T, D, CAUSAL: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
-    base = tl.program_id(1).to(tl.int64) * T * D  # [batch*heads, T, D] contiguous
+    bh = tl.program_id(1).to(tl.int64)
+    base = bh * T * D  # [batch*heads, T, D] contiguous
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -57,6 +62,7 @@ def _fwd_kernel(Q, K, V, O, LSE, ENT, T, D, CAUSAL: tl.constexpr,
     # instead of 0 * inf = NaN. Key block 0 holds key 0, visible to every row, so the max becomes
     # a real score after the first tile.
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    arg_i = tl.zeros([BLOCK_M], tl.int32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     a_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -67,7 +73,9 @@ def _fwd_kernel(Q, K, V, O, LSE, ENT, T, D, CAUSAL: tl.constexpr,
         cols = start_n + offs_n
         s, keep = _tile_scores(q, _load_rows(K, base, cols, T, D, offs_d, d_ok), rows, cols, T, CAUSAL)
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        tile_max = tl.max(s, 1)
+        arg_i = tl.where(tile_max > m_i, tl.argmax(s, 1).to(tl.int32) + start_n, arg_i)
+        m_new = tl.maximum(m_i, tile_max)
         shift = m_i - m_new  # <= 0
         scale = tl.exp(shift)
         x = s - m_new[:, None]
@@ -84,26 +92,45 @@ def _fwd_kernel(Q, K, V, O, LSE, ENT, T, D, CAUSAL: tl.constexpr,
     row_ok = rows < T
     l_i = tl.where(row_ok, l_i, 1.0)  # padded rows (causal tail) saw no key: keep them NaN-free
     log_l = tl.log(l_i)
-    tl.store(LSE + tl.program_id(1).to(tl.int64) * T + rows, m_i + log_l, mask=row_ok)
-    tl.store(ENT + tl.program_id(1).to(tl.int64) * T + rows, log_l - a_i / l_i, mask=row_ok)
+    xbar = a_i / l_i
+    # Row statistics for the backward, all relative to the row max (see _tile_ds).
+    row = bh * T + rows
+    tl.store(ROW + row, m_i, mask=row_ok)
+    tl.store(ROW + T * tl.num_programs(1) + row, log_l, mask=row_ok)
+    tl.store(ROW + 2 * T * tl.num_programs(1) + row, xbar, mask=row_ok)
+    tl.store(IDX + row, arg_i, mask=row_ok)
+    tl.store(ENT + row, log_l - xbar, mask=row_ok)
     out = acc / l_i[:, None]
     tl.store(O + base + rows[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def _tile_ds(s, keep, lse, c, dh, do, v):
-    """p and ds for one tile: p = exp(s - lse), ds = p * (dO v^T - c - dH * log p)."""
-    logp = tl.where(keep, s - lse[:, None], float("-inf"))
-    p = tl.exp(logp)
-    logp = tl.where(keep, logp, 0.0)  # p = 0 there; avoid 0 * -inf
+def _load_row_stats(ROW, DELTA, DH, bh, rows, T, BH):
+    """Per-row constants of the backward: max m, log l, xbar (from the forward), D, dH."""
+    row_ok = rows < T
+    row = bh * T + rows
+    m = tl.load(ROW + row, mask=row_ok, other=0.0)
+    log_l = tl.load(ROW + T * BH + row, mask=row_ok, other=0.0)
+    xbar = tl.load(ROW + 2 * T * BH + row, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
+    dh = tl.load(DH + row, mask=row_ok, other=0.0)
+    return m, log_l, xbar, delta, dh
+
+
+@triton.jit
+def _tile_ds(s, keep, m, log_l, xbar, delta, dh, do, v):
+    """p and ds for one tile, relative to the row max (x = s - m, never a logit-sized difference):
+    p = exp(x - log l), ds = p * (dO v^T - D - dH * (x - xbar)), since log p + H = x - xbar."""
+    x = tl.where(keep, s - m[:, None], 0.0)
+    p = tl.where(keep, tl.exp(x - log_l[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-    ds = p * (dp - c[:, None] - dh[:, None] * logp)
+    ds = p * (dp - delta[:, None] - dh[:, None] * (x - xbar[:, None]))
     return p, ds
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, C, DH, DK, DV, T, D, CAUSAL: tl.constexpr,
+def _bwd_dkdv_kernel(Q, K, V, DO, ROW, DELTA, DH, DK, DV, T, D, CAUSAL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1).to(tl.int64)
@@ -122,14 +149,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, C, DH, DK, DV, T, D, CAUSAL: tl.constexpr
         lo = (start_n // BLOCK_M) * BLOCK_M
     for start_m in range(lo, T, BLOCK_M):
         rows = start_m + offs_m
-        row_ok = rows < T
         q = _load_rows(Q, base, rows, T, D, offs_d, d_ok)
         do = _load_rows(DO, base, rows, T, D, offs_d, d_ok)
-        lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
-        c = tl.load(C + bh * T + rows, mask=row_ok, other=0.0)
-        dh = tl.load(DH + bh * T + rows, mask=row_ok, other=0.0)
+        m, log_l, xbar, delta, dh = _load_row_stats(ROW, DELTA, DH, bh, rows, T, tl.num_programs(1))
         s, keep = _tile_scores(q, k, rows, cols, T, CAUSAL)
-        p, ds = _tile_ds(s, keep, lse, c, dh, do, v)
+        p, ds = _tile_ds(s, keep, m, log_l, xbar, delta, dh, do, v)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
     kv_mask = (cols[:, None] < T) & d_ok[None, :]
@@ -138,7 +162,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, C, DH, DK, DV, T, D, CAUSAL: tl.constexpr
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, C, DH, DQ, T, D, CAUSAL: tl.constexpr,
+def _bwd_dq_kernel(Q, K, V, DO, ROW, DELTA, DH, IDX, DQ, RES, T, D, CAUSAL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
@@ -150,10 +174,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, C, DH, DQ, T, D, CAUSAL: tl.constexpr,
     row_ok = rows < T
     q = _load_rows(Q, base, rows, T, D, offs_d, d_ok)
     do = _load_rows(DO, base, rows, T, D, offs_d, d_ok)
-    lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
-    c = tl.load(C + bh * T + rows, mask=row_ok, other=0.0)
-    dh = tl.load(DH + bh * T + rows, mask=row_ok, other=0.0)
+    m, log_l, xbar, delta, dh = _load_row_stats(ROW, DELTA, DH, bh, rows, T, tl.num_programs(1))
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    residual = tl.zeros([BLOCK_M], tl.float32)  # sum_j ds_ij: zero in exact arithmetic
     hi = T
     if CAUSAL:
         hi = tl.minimum(T, start_m + BLOCK_M)
@@ -162,8 +185,16 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, C, DH, DQ, T, D, CAUSAL: tl.constexpr,
         k = _load_rows(K, base, cols, T, D, offs_d, d_ok)
         v = _load_rows(V, base, cols, T, D, offs_d, d_ok)
         s, keep = _tile_scores(q, k, rows, cols, T, CAUSAL)
-        _, ds = _tile_ds(s, keep, lse, c, dh, do, v)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+        _, ds = _tile_ds(s, keep, m, log_l, xbar, delta, dh, do, v)
+        ds = ds.to(k.dtype)
+        residual += tl.sum(ds.to(tl.float32), 1)
+        dq += tl.dot(ds, k, input_precision="ieee")
+    # The gradient of softmax(s - s_max): -r_i k_max(i) keeps the rounding residual r_i away from
+    # the logits' size in the temperature's gradient -q_i . dq_i / t (fused_attention.py, backward).
+    idx = tl.load(IDX + bh * T + rows, mask=row_ok, other=0)
+    k_at_max = _load_rows(K, base, idx, T, D, offs_d, d_ok)
+    dq -= residual[:, None] * k_at_max.to(tl.float32)
+    tl.store(RES + bh * T + rows, residual, mask=row_ok)
     tl.store(DQ + base + rows[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
 
@@ -186,32 +217,37 @@ class TritonEntropyAttention(torch.autograd.Function):
         bm, bn = block_m or bm, block_n or bn
         q, k, v = (x.contiguous() for x in (q, k, v))
         out = torch.empty_like(q)
-        lse = torch.empty((b, h, T), device=q.device, dtype=torch.float32)
-        ent = torch.empty_like(lse)
+        row_stats = torch.empty((3, b * h, T), device=q.device, dtype=torch.float32)  # m, log l, xbar
+        argmax = torch.empty((b * h, T), device=q.device, dtype=torch.int32)
+        ent = torch.empty((b, h, T), device=q.device, dtype=torch.float32)
         _fwd_kernel[(triton.cdiv(T, bm), b * h)](
-            q, k, v, out, lse, ent, T, d, CAUSAL=causal,
+            q, k, v, out, row_stats, argmax, ent, T, d, CAUSAL=causal,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
-        ctx.save_for_backward(q, k, v, out, lse, ent)
+        ctx.save_for_backward(q, k, v, out, row_stats, argmax)
         ctx.causal, ctx.config = causal, (bm, bn, bd, warps)
         return out, ent
 
     @staticmethod
     def backward(ctx, d_out, d_ent):
-        q, k, v, out, lse, ent = ctx.saved_tensors
+        q, k, v, out, row_stats, argmax = ctx.saved_tensors
         bm, bn, bd, warps = ctx.config
         b, h, T, d = q.shape
         # Grads of unused outputs arrive as zeros (materialize_grads default).
         d_out = d_out.contiguous().to(q.dtype)
         dh = d_ent.float().contiguous()
-        # Per-row constant of ds: c = D + dH * H with D = rowsum(dO * O). O(T d) work, done in torch.
-        c = ((d_out.float() * out.float()).sum(-1) + dh * ent).contiguous()
+        delta = (d_out.float() * out.float()).sum(-1).contiguous()  # D = rowsum(dO * O), O(T d)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        residual = torch.empty((b * h, T), device=q.device, dtype=torch.float32)
         common = dict(CAUSAL=ctx.causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
         _bwd_dkdv_kernel[(triton.cdiv(T, bn), b * h)](
-            q, k, v, d_out, lse, c, dh, dk, dv, T, d, **common)
+            q, k, v, d_out, row_stats, delta, dh, dk, dv, T, d, **common)
         _bwd_dq_kernel[(triton.cdiv(T, bm), b * h)](
-            q, k, v, d_out, lse, c, dh, dq, T, d, **common)
-        return dq, dk, dv, None, None, None
+            q, k, v, d_out, row_stats, delta, dh, argmax, dq, residual, T, d, **common)
+        # The other half of the gradient of softmax(s - s_max): -r_i q_i into dk at row i's argmax
+        # key (O(T d); a scatter the per-key-block kernel cannot do without atomics).
+        fix = (residual.unsqueeze(-1) * q.view(b * h, T, d).float()).neg_()
+        dk_fp32 = dk.view(b * h, T, d).float().scatter_add_(1, argmax.long().unsqueeze(-1).expand(-1, -1, d), fix)
+        return dq, dk_fp32.view(b, h, T, d).to(k.dtype), dv, None, None, None
 
 
 def triton_entropy_attention(q, k, v, causal: bool = True, *, block_m: int | None = None,

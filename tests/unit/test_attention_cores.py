@@ -60,8 +60,8 @@ def test_fused_training_matches_eager():
     calls = []
     original = attention.select_core
 
-    def spy(name, q, need_entropy):
-        calls.append(original(name, q, need_entropy))
+    def spy(name, q, need_entropy, temperature_grad=False):
+        calls.append(original(name, q, need_entropy, temperature_grad))
         return calls[-1]
 
     attention.select_core = spy

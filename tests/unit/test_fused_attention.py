@@ -219,7 +219,7 @@ def test_saves_no_t_by_t_tensor():
         return sizes
 
     fused = saved(blocked_entropy_attention, block_size=64)
-    assert len(fused) == 6  # q, k, v, context, lse, entropy
+    assert len(fused) == 5  # q, k, v, context, and [4, b*h, T] row statistics
     assert max(fused) == b * h * T * d < T * T
     assert max(saved(eager)) >= b * h * T * T  # the check does see the eager core's T x T
 
@@ -291,11 +291,11 @@ def test_triton_kernels_compile_for_sm90(dtype, d, causal):
     ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
     bm, bn, bd, warps = ta._launch_config(d, dtype)
     const = dict(CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
-    rows = {"LSE": "*fp32", "C": "*fp32", "DH": "*fp32"}
+    rows = {"ROW": "*fp32", "DELTA": "*fp32", "DH": "*fp32"}
     signatures = {
-        ta._fwd_kernel: dict(Q=ptr, K=ptr, V=ptr, O=ptr, LSE="*fp32", ENT="*fp32"),
+        ta._fwd_kernel: dict(Q=ptr, K=ptr, V=ptr, O=ptr, ROW="*fp32", IDX="*i32", ENT="*fp32"),
         ta._bwd_dkdv_kernel: dict(Q=ptr, K=ptr, V=ptr, DO=ptr, **rows, DK=ptr, DV=ptr),
-        ta._bwd_dq_kernel: dict(Q=ptr, K=ptr, V=ptr, DO=ptr, **rows, DQ=ptr),
+        ta._bwd_dq_kernel: dict(Q=ptr, K=ptr, V=ptr, DO=ptr, **rows, IDX="*i32", DQ=ptr, RES="*fp32"),
     }
     for fn, sig in signatures.items():
         sig = {**sig, "T": "i32", "D": "i32", **{name: "constexpr" for name in const}}
