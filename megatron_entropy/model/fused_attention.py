@@ -19,13 +19,15 @@ these in base 2 (s2 = s log2 e, exp2, log2) and returns H in nats.
 
 from __future__ import annotations
 
+import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["fused_entropy_attention", "blocked_entropy_attention", "BlockedEntropyAttention"]
+__all__ = ["fused_entropy_attention", "blocked_entropy_attention", "BlockedEntropyAttention", "triton_self_check"]
+log = logging.getLogger(__name__)
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -38,17 +40,71 @@ def fused_entropy_attention(q, k, v, causal: bool = True, block_size: int = 128)
     entropy_i = -sum_j p_ij log p_ij over the (causally) allowed keys, p = softmax(s_i).
     Differentiable in q, k, v through BOTH outputs (the loss may depend on context and on entropy).
 
-    On CUDA the Triton kernels are used when triton imports (their block sizes are their own, so
-    `block_size` only applies to the PyTorch path); otherwise the blocked PyTorch path."""
+    On CUDA the Triton kernels are used when triton imports and they pass their self-check
+    (`triton_self_check`, once per device and dtype); their block sizes are their own, so
+    `block_size` only applies to the PyTorch path. Otherwise the blocked PyTorch path."""
     _check_inputs(q, k, v)
-    if q.is_cuda and q.shape[-1] <= 128 and q.dtype in _TRITON_DTYPES:
+    if _use_triton(q):
+        from megatron_entropy.model.triton_attention import triton_entropy_attention
+        return triton_entropy_attention(q, k, v, causal=causal)
+    return blocked_entropy_attention(q, k, v, causal=causal, block_size=block_size)
+
+
+_TRITON_VERDICT: dict = {}  # (device, dtype) -> None (passed) or the reason it is not used
+
+
+def _triton_eligible(q) -> bool:
+    return q.is_cuda and q.shape[-1] <= 128 and q.dtype in _TRITON_DTYPES
+
+
+def _use_triton(q) -> bool:
+    if not _triton_eligible(q):
+        return False
+    key = (str(q.device), q.dtype)
+    if key not in _TRITON_VERDICT:
         try:  # lazy: machines without triton (or without a GPU) never import it
             from megatron_entropy.model.triton_attention import triton_entropy_attention
-        except ImportError:
-            pass
+        except ImportError as e:
+            _TRITON_VERDICT[key] = f"triton unavailable ({e})"
         else:
-            return triton_entropy_attention(q, k, v, causal=causal)
-    return blocked_entropy_attention(q, k, v, causal=causal, block_size=block_size)
+            _TRITON_VERDICT[key] = triton_self_check(triton_entropy_attention, q.device, q.dtype)
+            if _TRITON_VERDICT[key] is not None:
+                log.warning("fused attention: the Triton kernels failed their self-check on %s %s (%s); "
+                            "using the PyTorch path for the rest of this process", q.device, q.dtype,
+                            _TRITON_VERDICT[key])
+    return _TRITON_VERDICT[key] is None
+
+
+# (T, head_dim, logit scale, causal): a tail block, an odd head_dim, flat and very sharp rows.
+_SELF_CHECK_CASES = [(37, 24, 1.0, True), (64, 32, 100.0, True), (20, 16, 3.0, False)]
+
+
+def triton_self_check(triton_fn, device, dtype) -> str | None:
+    """Run `triton_fn` against the PyTorch path (fp32 maths on the same rounded inputs) on a few
+    small shapes, forward and backward through both outputs (milliseconds on a GPU). None if they
+    agree, else one line naming the first output that does not. The Triton path first runs on a
+    user's cluster; a kernel that is wrong on their GPU or triton version must not train silently."""
+    tol = 2e-4 if dtype == torch.float32 else 3e-2
+    g = torch.Generator().manual_seed(0)
+    try:
+        for T, d, scale, causal in _SELF_CHECK_CASES:
+            base = [torch.randn(1, 2, T, d, generator=g) for _ in range(3)]
+            base[0] = base[0] * (scale / math.sqrt(d))
+            w_context, w_entropy = torch.randn(1, 2, T, d, generator=g), torch.randn(1, 2, T, generator=g)
+            results = []
+            for fn, dt in ((triton_fn, dtype), (blocked_entropy_attention, torch.float32)):
+                leaves = [x.to(device=device, dtype=dtype).to(dt).requires_grad_() for x in base]
+                context, entropy = fn(*leaves, causal=causal)
+                loss = (context.float() * w_context.to(device)).sum() + (entropy.float() * w_entropy.to(device)).sum()
+                loss.backward()
+                results.append([context.detach().float(), entropy.detach().float()] + [x.grad.float() for x in leaves])
+            for name, got, want in zip(("context", "entropy", "dq", "dk", "dv"), *results):
+                err = float((got - want).abs().max() / want.abs().max().clamp_min(1.0))
+                if not err <= tol:  # also catches NaN
+                    return f"{name} off by {err:.2e} (tolerance {tol:g}) at T={T}, head_dim={d}, causal={causal}"
+    except Exception as e:  # a kernel that does not compile or launch here
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def blocked_entropy_attention(q, k, v, causal: bool = True, block_size: int = 128):
