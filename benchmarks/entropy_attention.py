@@ -3,8 +3,9 @@
 Variants (same GPTModel shape, same seed, fp32, torch AdamW; full training steps = forward,
 backward and optimizer step):
 
-  a  sdpa_noreg      SM(t)+ScFuFFN without the regulariser; attention_core=eager, which takes
-                     PyTorch SDPA because no entropy is needed (statistics inactive).
+  a  sdpa_noreg      SM(t)+ScFuFFN without the regulariser; attention_core=sdpa: PyTorch SDPA,
+                     since no entropy is needed (statistics inactive). (auto/eager/fused no longer
+                     take SDPA for a learnable temperature: its backward is less exact at small t.)
   b  eager_reg       EReg(SM(t)+ScFuFFN), attention_core=eager: the probabilities are built.
   c  fused_reg       EReg(SM(t)+ScFuFFN), attention_core=fused: entropy without T x T tensors.
   d  official_reg    the published recipe: SM(t)+ScFuFFN with Hugging-Face-style eager attention
@@ -49,7 +50,7 @@ from megatron_entropy.config import build_config  # noqa: E402
 from megatron_entropy.model.gpt import GPTModel, parameter_groups  # noqa: E402
 
 VARIANTS = {
-    "a": ("sdpa_noreg", "SM(t)+ScFuFFN", "eager"),
+    "a": ("sdpa_noreg", "SM(t)+ScFuFFN", "sdpa"),
     "b": ("eager_reg", "EReg(SM(t)+ScFuFFN)", "eager"),
     "c": ("fused_reg", "EReg(SM(t)+ScFuFFN)", "fused"),
     "d": ("official_reg", "SM(t)+ScFuFFN", "eager"),
@@ -94,7 +95,7 @@ def official_entropy_loss(attentions, reg_threshold_weights, num_heads: int, num
 def materialised_attention(store: list):
     """Route the model's attention through hf_eager_attention (benchmark-only monkeypatch)."""
     original = attention_module.attention_core
-    attention_module.attention_core = lambda name, q, k, v, need_entropy: (hf_eager_attention(q, k, v, store), None)
+    attention_module.attention_core = lambda name, q, k, v, need_entropy, **_: (hf_eager_attention(q, k, v, store), None)
     try:
         yield
     finally:
