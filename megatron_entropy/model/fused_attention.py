@@ -253,10 +253,9 @@ class BlockedEntropyAttention(torch.autograd.Function):
         k_buf, kb = _split_blocks(k, blocks, acc_dtype)
         v_buf, vb = _split_blocks(v, blocks, acc_dtype)
         out = torch.empty_like(q, dtype=acc_dtype)
-        # Per row, for the backward: the max m2, log2 l and xbar2 = sum_j p_ij (s2_ij - m2) (base 2),
-        # and the index of the key holding the max (exact as a float: T < 2^24).
-        row_stats = torch.empty(4, B, T, dtype=acc_dtype, device=q.device)
-        max2, log2_sum, xbar2, argmax = row_stats.unbind(0)
+        # Per row, base 2, for the backward: the max m2, log2 l and xbar2 = sum_j p_ij (s2_ij - m2).
+        row_stats = torch.empty(3, B, T, dtype=acc_dtype, device=q.device)
+        max2, log2_sum, xbar2 = row_stats.unbind(0)
         ent = torch.empty(B, T, dtype=acc_dtype, device=q.device)
         masks = _DiagonalMasks(causal, acc_dtype, q.device, len(blocks), blocks)
         out_buf = torch.empty_like(q2_buf)  # blocked like q2; written into `out` at the end
@@ -264,19 +263,14 @@ class BlockedEntropyAttention(torch.autograd.Function):
         def rows(r0: int, r1: int) -> None:  # the whole forward for batch*head rows r0:r1
             for i, (i0, i1) in enumerate(blocks):
                 qb = q2[i][r0:r1]
-                m = l = a = acc = arg = None
+                m = l = a = acc = None
                 for j in _key_range(i, len(blocks), causal):
                     s = torch.bmm(qb, kb[j][r0:r1].transpose(1, 2))  # [rows, bq, bk], base 2
                     mask = masks(i, j, i1 - i0)
                     if mask is not None:
                         s.add_(mask)
-                    m_blk, arg_blk = s.max(-1, keepdim=True)
-                    arg_blk = arg_blk.add_(blocks[j][0])
-                    if m is None:
-                        m_new, arg = m_blk, arg_blk
-                    else:
-                        arg = torch.where(m_blk > m, arg_blk, arg)
-                        m_new = torch.maximum(m, m_blk)
+                    m_blk = s.amax(-1, keepdim=True)
+                    m_new = m_blk if m is None else torch.maximum(m, m_blk)
                     x = s.sub_(m_new)  # s - m_new, in place: s itself is not needed any more
                     p = x.exp2()  # exactly 0 where masked, and x is finite there: p * x = 0
                     pv = torch.bmm(p, vb[j][r0:r1])
@@ -299,7 +293,6 @@ class BlockedEntropyAttention(torch.autograd.Function):
                 max2[r0:r1, i0:i1] = m.squeeze(-1)
                 log2_sum[r0:r1, i0:i1] = log2_l
                 xbar2[r0:r1, i0:i1] = a_over_l
-                argmax[r0:r1, i0:i1] = arg.squeeze(-1)
                 ent[r0:r1, i0:i1] = (log2_l - a_over_l).mul_(_LN2)
                 torch.div(acc, l, out=out_blocks[i][r0:r1])
 
@@ -342,9 +335,7 @@ class BlockedEntropyAttention(torch.autograd.Function):
         (q_stride, q_dtype, device), (k_stride, k_dtype, _), (v_stride, v_dtype, _) = ctx.inputs
         shape = (b, h, T, d)
         dq = torch.empty_strided(shape, q_stride, dtype=acc_dtype, device=device)
-        max2, log2_sum, xbar2, argmax = (x.unsqueeze(-1) for x in row_stats.unbind(0))  # [B, T, 1]
-        # k at each row's argmax: q_i . k_max(i) is the row max m_i (see the correction below).
-        k_at_max = torch.cat(kb, dim=1).gather(1, argmax.long().expand(B, T, d))  # [B, T, d]
+        max2, log2_sum, xbar2 = (x.unsqueeze(-1) for x in row_stats.unbind(0))  # [B, T, 1] each
         masks = _DiagonalMasks(causal, acc_dtype, device, len(blocks), blocks)
 
         # ds_ij = p_ij (dP_ij - D_i) - dH_i p_ij (log p_ij + H_i),  dP = dO v^T,
@@ -361,20 +352,28 @@ class BlockedEntropyAttention(torch.autograd.Function):
         else:
             do, D = None, None
         dh = None if d_entropy is None else d_entropy.reshape(B, T, 1).to(acc_dtype) * _LN2
+        c = D if D is not None else torch.zeros_like(xbar2)
+        if dh is not None:
+            c = c - dh * xbar2
 
         dq_blocks = _block_views(torch.empty_like(q2_buf), blocks, B, d)
-        dk_at_max = torch.zeros(B, T, d, dtype=acc_dtype, device=device)  # see the correction below
-        max_index = argmax.long().expand(B, T, d)
+
+        # Each query block's ds and p tiles are kept until its row sums are complete (see below):
+        # chunk the rows so that they stay ~16 MiB per buffer whatever T is.
+        chunk = max(1, (1 << 20) // (min(block_size, T) * T))
 
         def rows(r0: int, r1: int) -> None:  # the whole backward for batch*head rows r0:r1
+            for c0 in range(r0, r1, chunk):
+                rows_chunk(c0, min(c0 + chunk, r1))
+
+        def rows_chunk(r0: int, r1: int) -> None:
             for i, (i0, i1) in enumerate(blocks):
                 q2b = q2[i][r0:r1]
-                m_b, logl_b, xbar_b = max2[r0:r1, i0:i1], log2_sum[r0:r1, i0:i1], xbar2[r0:r1, i0:i1]
+                m_b, logl_b = max2[r0:r1, i0:i1], log2_sum[r0:r1, i0:i1]
                 do_b = do[i][r0:r1] if do is not None else None
-                D_b = D[r0:r1, i0:i1] if D is not None else None
                 dh_b = dh[r0:r1, i0:i1] if dh is not None else None
-                dq_b = dq_blocks[i][r0:r1]
-                ds_rowsum = None
+                c_b = c[r0:r1, i0:i1]
+                tiles, ds_rowsum = [], None
                 for j in _key_range(i, len(blocks), causal):
                     kj = kb[j][r0:r1]
                     x = torch.bmm(q2b, kj.transpose(1, 2)).sub_(m_b)  # x2 = s2 - m2 <= 0
@@ -383,31 +382,35 @@ class BlockedEntropyAttention(torch.autograd.Function):
                     if mask is not None:  # p = 0 there; x stays finite, so its terms vanish with p
                         p.add_(mask)
                     p = p.exp2_()
+                    # g = dP - D - dH ln2 (x2 - xbar2) = dP - c - dH ln2 x2 with c = D - dH ln2 xbar2:
+                    # both row terms are x-sized (|xbar2| <= log2 T), so nothing cancels.
                     if do_b is not None:
                         dv[j][r0:r1].baddbmm_(p.transpose(1, 2), do_b)
-                        g = torch.bmm(do_b, vb[j][r0:r1].transpose(1, 2)).sub_(D_b)  # dP - D
+                        g = torch.bmm(do_b, vb[j][r0:r1].transpose(1, 2)).sub_(c_b)
                         if dh_b is not None:
-                            g.addcmul_(x.sub_(xbar_b), dh_b, value=-1.0)  # - dH ln2 (x2 - xbar2)
+                            g.addcmul_(x, dh_b, value=-1.0)
                     else:
-                        g = x.sub_(xbar_b).mul_(-dh_b)
+                        g = x.mul_(-dh_b).sub_(c_b)
                     ds = g.mul_(p)
+                    row_sum = ds.sum(-1, keepdim=True)
+                    ds_rowsum = row_sum if ds_rowsum is None else ds_rowsum.add_(row_sum)
+                    tiles.append((j, ds, p))
+                # sum_j ds_ij = 0 exactly (softmax is shift invariant); in fp32 it is a rounding
+                # residual r_i, and it matters: the temperature's gradient is
+                # -q_i . dq_i / t = -sum_j ds_ij s_ij / t, where r_i meets the row's logit size
+                # (~1/t; D_i = dO_i . O_i is one source of r_i), and q_i (~1/t) carries it into dk.
+                # Re-centring ds with p's weights, ds - r p (zero in exact arithmetic), before the
+                # matmuls turns that sum into -sum_j ds_ij (s_ij - sbar_i): the residual then
+                # meets x-sized numbers only. The eager core re-centres ds the same way.
+                dq_b = dq_blocks[i][r0:r1]
+                for j, ds, p in tiles:
+                    kj = kb[j][r0:r1]
+                    ds.addcmul_(p, ds_rowsum, value=-1.0)
                     if j == 0:
                         torch.bmm(ds, kj, out=dq_b)
-                        ds_rowsum = ds.sum(-1, keepdim=True)
                     else:
                         dq_b.baddbmm_(ds, kj)
-                        ds_rowsum.add_(ds.sum(-1, keepdim=True))
                     dk[j][r0:r1].baddbmm_(ds.transpose(1, 2), q2b)  # = log2(e) dk: q2 is in base 2
-                # sum_j ds_ij = 0 exactly (softmax is shift invariant); in fp32 it is a rounding
-                # residual r_i. The temperature's gradient is -q_i . dq_i / t = -sum_j ds_ij s_ij / t,
-                # where r_i meets the row's logit size: it adds -r_i m_i / t, which at small t
-                # exceeds the true value (D_i = dO_i . O_i is one source of r_i). We return the
-                # gradient of softmax(s_ij - s_i,max(i)) instead -- the same function, whose
-                # gradient differs only by terms that are zero in exact arithmetic: -r_i k_max(i)
-                # in dq_i and -r_i q_i in dk_max(i). Then -q_i . dq_i = -sum_j ds_ij (s_ij - m_i):
-                # the residual meets x-sized numbers only. The eager core does the same.
-                dq_b.addcmul_(ds_rowsum, k_at_max[r0:r1, i0:i1], value=-1.0)
-                dk_at_max[r0:r1].scatter_add_(1, max_index[r0:r1, i0:i1], ds_rowsum * q2b)
 
         _run_rows(rows, B, T)
         for (i0, i1), part in zip(blocks, dq_blocks):
@@ -415,7 +418,6 @@ class BlockedEntropyAttention(torch.autograd.Function):
 
         dk_out = torch.empty_strided(shape, k_stride, dtype=acc_dtype, device=device)
         for (j0, j1), part in zip(blocks, dk):
-            part.sub_(dk_at_max[:, j0:j1])
             _write_block(dk_out, j0, j1, part, scale=_LN2)
         if dv is not None:
             dv_out = torch.empty_strided(shape, v_stride, dtype=acc_dtype, device=device)
