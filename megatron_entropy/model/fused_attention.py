@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def fused_entropy_attention(q, k, v, causal: bool = True, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_entropy_attention(q, k, v, causal: bool = True, block_size: int = 128,
+                            doc_start=None) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k, v: [batch, heads, T, head_dim] (any float dtype; q,k,v same dtype).
     q ALREADY carries every logit scale (1/sqrt(d_k) and the per-head, per-position learnable
     temperature 1/t[h,i]), so scores s_ij = q_i . k_j exactly, no further scaling.
@@ -42,12 +43,14 @@ def fused_entropy_attention(q, k, v, causal: bool = True, block_size: int = 128)
 
     On CUDA the Triton kernels are used when triton imports and they pass their self-check
     (`triton_self_check`, once per device and dtype); their block sizes are their own, so
-    `block_size` only applies to the PyTorch path. Otherwise the blocked PyTorch path."""
+    `block_size` only applies to the PyTorch path. Otherwise the blocked PyTorch path.
+    doc_start [batch, T]: document attention (see `blocked_entropy_attention`); the Triton
+    kernels do not take it yet, so it runs the PyTorch path."""
     _check_inputs(q, k, v)
-    if _use_triton(q):
+    if doc_start is None and _use_triton(q):
         from megatron_entropy.model.triton_attention import triton_entropy_attention
         return triton_entropy_attention(q, k, v, causal=causal)
-    return blocked_entropy_attention(q, k, v, causal=causal, block_size=block_size)
+    return blocked_entropy_attention(q, k, v, causal=causal, block_size=block_size, doc_start=doc_start)
 
 
 _TRITON_VERDICT: dict = {}  # (device, dtype) -> None (passed) or the reason it is not used
@@ -107,13 +110,23 @@ def triton_self_check(triton_fn, device, dtype) -> str | None:
     return None
 
 
-def blocked_entropy_attention(q, k, v, causal: bool = True, block_size: int = 128):
+def blocked_entropy_attention(q, k, v, causal: bool = True, block_size: int = 128, doc_start=None):
     """The device-independent PyTorch implementation (same contract as `fused_entropy_attention`;
-    float64 inputs are the one exception: computed, and their entropy returned, in float64)."""
+    float64 inputs are the one exception: computed, and their entropy returned, in float64).
+
+    doc_start [batch, T] (int, non-decreasing along T; causal only): document attention -- query i
+    sees keys doc_start[b, i] <= j <= i. Key blocks that end before a query block's first document
+    start are skipped, and only tiles that straddle a start build a mask, so documents cost less
+    than the full causal triangle, never more."""
     _check_inputs(q, k, v)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    return BlockedEntropyAttention.apply(q, k, v, bool(causal), int(block_size))
+    if doc_start is not None:
+        if not causal:
+            raise ValueError("doc_start (document attention) needs causal=True")
+        if doc_start.shape != (q.shape[0], q.shape[2]):
+            raise ValueError(f"doc_start must be [batch, T] = {(q.shape[0], q.shape[2])}, got {tuple(doc_start.shape)}")
+    return BlockedEntropyAttention.apply(q, k, v, bool(causal), int(block_size), doc_start)
 
 
 def _check_inputs(q, k, v):
@@ -233,6 +246,57 @@ def _key_range(i: int, num_blocks: int, causal: bool) -> range:
     return range(i + 1 if causal else num_blocks)
 
 
+class _Documents:
+    """Document attention for rows r0:r1 of the [batch*heads] dimension: which key blocks a query
+    block visits (from the first document start among its queries) and the additive mask of a
+    tile that straddles a start. A row's first visited tile may hold none of its keys: its scores
+    are then all _MASKED, the running max too, and that tile's p = 1 terms are erased (scaled by
+    exp2(_MASKED - m) = 0) when the tile holding the row's own document arrives -- the diagonal
+    tile at the latest."""
+
+    def __init__(self, doc_start, heads: int, blocks, dtype, device):
+        rows = doc_start.to(device=device, dtype=torch.int64).repeat_interleave(heads, dim=0)  # [B, T]
+        self.blocks, self.start = blocks, rows.to(dtype)
+        self.first = [rows[:, i0] for i0, _ in blocks]
+        self.last = [rows[:, i1 - 1] for _, i1 in blocks]
+        self.columns = torch.arange(rows.shape[1], device=device, dtype=dtype)
+
+    def key_range(self, i: int, r0: int, r1: int) -> range:
+        lo = int(self.first[i][r0:r1].min())
+        return range(next(j for j, (_, j1) in enumerate(self.blocks) if j1 > lo), i + 1)
+
+    def latest_start(self, i: int, r0: int, r1: int) -> int:
+        return int(self.last[i][r0:r1].max())
+
+    def mask(self, i: int, j: int, r0: int, r1: int, latest_start: int):
+        (i0, i1), (j0, j1) = self.blocks[i], self.blocks[j]
+        if j0 >= latest_start:  # every query of the block starts at or before this key block
+            return None
+        allowed = self.columns[j0:j1][None, None, :] >= self.start[r0:r1, i0:i1, None]
+        return torch.where(allowed, 0.0, _MASKED).to(self.start.dtype)
+
+
+class _TileMasks:
+    """The tiles (key block j, additive mask or None) that query block i visits for rows r0:r1:
+    causal (diagonal masks) and, with doc_start, document attention on top."""
+
+    def __init__(self, causal: bool, dtype, device, blocks, doc_start, heads: int):
+        self.causal, self.blocks = causal, blocks
+        self.diagonal = _DiagonalMasks(causal, dtype, device, len(blocks), blocks)
+        self.documents = None if doc_start is None else _Documents(doc_start, heads, blocks, dtype, device)
+
+    def visit(self, i: int, r0: int, r1: int):
+        n = self.blocks[i][1] - self.blocks[i][0]
+        if self.documents is None:
+            return [(j, self.diagonal(i, j, n)) for j in _key_range(i, len(self.blocks), self.causal)]
+        latest = self.documents.latest_start(i, r0, r1)
+        out = []
+        for j in self.documents.key_range(i, r0, r1):
+            diagonal, document = self.diagonal(i, j, n), self.documents.mask(i, j, r0, r1, latest)
+            out.append((j, document if diagonal is None else diagonal if document is None else document + diagonal))
+        return out
+
+
 class BlockedEntropyAttention(torch.autograd.Function):
     """Online-softmax attention + row entropy; saves q, k, v (as blocked copies), the output and
     three numbers per row (max m, log l, xbar: all base 2) -- O(T d) per head.
@@ -244,7 +308,7 @@ class BlockedEntropyAttention(torch.autograd.Function):
     transposes between [b, h, T, d] and [b, T, h*d] stay views."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, block_size: int):
+    def forward(ctx, q, k, v, causal: bool, block_size: int, doc_start=None):
         b, h, T, d = q.shape
         B = b * h
         acc_dtype = _acc_dtype(q.dtype)
@@ -257,16 +321,15 @@ class BlockedEntropyAttention(torch.autograd.Function):
         row_stats = torch.empty(3, B, T, dtype=acc_dtype, device=q.device)
         max2, log2_sum, xbar2 = row_stats.unbind(0)
         ent = torch.empty(B, T, dtype=acc_dtype, device=q.device)
-        masks = _DiagonalMasks(causal, acc_dtype, q.device, len(blocks), blocks)
+        tiles = _TileMasks(causal, acc_dtype, q.device, blocks, doc_start, h)
         out_buf = torch.empty_like(q2_buf)  # blocked like q2; written into `out` at the end
 
         def rows(r0: int, r1: int) -> None:  # the whole forward for batch*head rows r0:r1
             for i, (i0, i1) in enumerate(blocks):
                 qb = q2[i][r0:r1]
                 m = l = a = acc = None
-                for j in _key_range(i, len(blocks), causal):
+                for j, mask in tiles.visit(i, r0, r1):
                     s = torch.bmm(qb, kb[j][r0:r1].transpose(1, 2))  # [rows, bq, bk], base 2
-                    mask = masks(i, j, i1 - i0)
                     if mask is not None:
                         s.add_(mask)
                     m_blk = s.amax(-1, keepdim=True)
@@ -310,7 +373,7 @@ class BlockedEntropyAttention(torch.autograd.Function):
         # sees the forward's scores bit for bit and the saved max is exactly one of them.
         out_saved = context if q.dtype == acc_dtype else out
         ctx.save_for_backward(q2_buf, k_buf, v_buf, out_saved, row_stats)
-        ctx.causal, ctx.block_size = causal, block_size
+        ctx.causal, ctx.block_size, ctx.doc_start = causal, block_size, doc_start
         ctx.inputs = [(torch.empty_like(x, device="meta").stride(), x.dtype, x.device) for x in (q, k, v)]
         ctx.set_materialize_grads(False)  # an unused output gets None: skip its term
         entropy = ent.view(b, h, T)
@@ -320,11 +383,11 @@ class BlockedEntropyAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, d_context, d_entropy):
         q2_buf, k_buf, v_buf, out, row_stats = ctx.saved_tensors
-        causal, block_size = ctx.causal, ctx.block_size
+        causal, block_size, doc_start = ctx.causal, ctx.block_size, ctx.doc_start
         b, h, T, d = out.shape
         B = b * h
         if d_context is None and d_entropy is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         acc_dtype = q2_buf.dtype
         blocks = _blocks(T, block_size)
         q2, kb, vb = (_block_views(buf, blocks, B, d) for buf in (q2_buf, k_buf, v_buf))
@@ -336,7 +399,7 @@ class BlockedEntropyAttention(torch.autograd.Function):
         shape = (b, h, T, d)
         dq = torch.empty_strided(shape, q_stride, dtype=acc_dtype, device=device)
         max2, log2_sum, xbar2 = (x.unsqueeze(-1) for x in row_stats.unbind(0))  # [B, T, 1] each
-        masks = _DiagonalMasks(causal, acc_dtype, device, len(blocks), blocks)
+        tiles_of = _TileMasks(causal, acc_dtype, device, blocks, doc_start, h)
 
         # ds_ij = p_ij (dP_ij - D_i) - dH_i p_ij (log p_ij + H_i),  dP = dO v^T,
         # D_i = sum_j p_ij dP_ij = dO_i . O_i, and, relative to the row max (x = s - m, base 2):
@@ -374,11 +437,10 @@ class BlockedEntropyAttention(torch.autograd.Function):
                 dh_b = dh[r0:r1, i0:i1] if dh is not None else None
                 c_b = c[r0:r1, i0:i1]
                 tiles, ds_rowsum = [], None
-                for j in _key_range(i, len(blocks), causal):
+                for j, mask in tiles_of.visit(i, r0, r1):
                     kj = kb[j][r0:r1]
                     x = torch.bmm(q2b, kj.transpose(1, 2)).sub_(m_b)  # x2 = s2 - m2 <= 0
                     p = torch.sub(x, logl_b)  # log2 p
-                    mask = masks(i, j, i1 - i0)
                     if mask is not None:  # p = 0 there; x stays finite, so its terms vanish with p
                         p.add_(mask)
                     p = p.exp2_()
@@ -403,10 +465,10 @@ class BlockedEntropyAttention(torch.autograd.Function):
                 # matmuls turns that sum into -sum_j ds_ij (s_ij - sbar_i): the residual then
                 # meets x-sized numbers only. The eager core re-centres ds the same way.
                 dq_b = dq_blocks[i][r0:r1]
-                for j, ds, p in tiles:
+                for n, (j, ds, p) in enumerate(tiles):
                     kj = kb[j][r0:r1]
                     ds.addcmul_(p, ds_rowsum, value=-1.0)
-                    if j == 0:
+                    if n == 0:
                         torch.bmm(ds, kj, out=dq_b)
                     else:
                         dq_b.baddbmm_(ds, kj)
@@ -425,4 +487,4 @@ class BlockedEntropyAttention(torch.autograd.Function):
                 _write_block(dv_out, j0, j1, part)
         else:
             dv_out = torch.zeros(shape, dtype=acc_dtype, device=device)
-        return dq.to(q_dtype), dk_out.to(k_dtype), dv_out.to(v_dtype), None, None
+        return dq.to(q_dtype), dk_out.to(k_dtype), dv_out.to(v_dtype), None, None, None
