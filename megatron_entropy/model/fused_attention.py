@@ -44,12 +44,11 @@ def fused_entropy_attention(q, k, v, causal: bool = True, block_size: int = 128,
     On CUDA the Triton kernels are used when triton imports and they pass their self-check
     (`triton_self_check`, once per device and dtype); their block sizes are their own, so
     `block_size` only applies to the PyTorch path. Otherwise the blocked PyTorch path.
-    doc_start [batch, T]: document attention (see `blocked_entropy_attention`); the Triton
-    kernels do not take it yet, so it runs the PyTorch path."""
+    doc_start [batch, T]: document attention (see `blocked_entropy_attention`)."""
     _check_inputs(q, k, v)
-    if doc_start is None and _use_triton(q):
+    if _use_triton(q):
         from megatron_entropy.model.triton_attention import triton_entropy_attention
-        return triton_entropy_attention(q, k, v, causal=causal)
+        return triton_entropy_attention(q, k, v, causal=causal, doc_start=doc_start)
     return blocked_entropy_attention(q, k, v, causal=causal, block_size=block_size, doc_start=doc_start)
 
 

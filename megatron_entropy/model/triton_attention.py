@@ -30,13 +30,22 @@ __all__ = ["triton_entropy_attention", "TritonEntropyAttention"]
 
 
 @triton.jit
-def _tile_scores(q, k, rows, cols, T, CAUSAL: tl.constexpr):
-    """s = q k^T for one tile and keep = which (query, key) pairs are real and allowed."""
+def _tile_scores(q, k, rows, cols, T, CAUSAL: tl.constexpr, doc_rows):
+    """s = q k^T for one tile and keep = which (query, key) pairs are real and allowed
+    (doc_rows: each query's document start, 0 without document attention)."""
     s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    keep = (rows[:, None] < T) & (cols[None, :] < T)
+    keep = (rows[:, None] < T) & (cols[None, :] < T) & (cols[None, :] >= doc_rows[:, None])
     if CAUSAL:
         keep = keep & (rows[:, None] >= cols[None, :])
     return s, keep
+
+
+@triton.jit
+def _doc_rows(DOC, bh, rows, T, HAS_DOC: tl.constexpr):
+    """Document start of each query row (document attention), or 0."""
+    if HAS_DOC:
+        return tl.load(DOC + bh * T + rows, mask=rows < T, other=0)
+    return tl.zeros(rows.shape, tl.int32)
 
 
 @triton.jit
@@ -47,7 +56,7 @@ def _load_rows(ptr, base, idx, T, D, offs_d, d_ok):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, ROW, IDX, ENT, T, D, CAUSAL: tl.constexpr,
+def _fwd_kernel(Q, K, V, O, ROW, IDX, ENT, DOC, T, D, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
@@ -66,12 +75,18 @@ def _fwd_kernel(Q, K, V, O, ROW, IDX, ENT, T, D, CAUSAL: tl.constexpr,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     a_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    doc_rows = _doc_rows(DOC, bh, rows, T, HAS_DOC)
+    # Document attention: key blocks before the block's first document start are never visited.
+    # A row that sees none of its keys in a tile keeps l = 0 there (its scores are -inf).
+    lo = 0
+    if HAS_DOC:
+        lo = (tl.load(DOC + bh * T + start_m) // BLOCK_N) * BLOCK_N
     hi = T
     if CAUSAL:
         hi = tl.minimum(T, start_m + BLOCK_M)  # skip the tiles above the diagonal
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        s, keep = _tile_scores(q, _load_rows(K, base, cols, T, D, offs_d, d_ok), rows, cols, T, CAUSAL)
+        s, keep = _tile_scores(q, _load_rows(K, base, cols, T, D, offs_d, d_ok), rows, cols, T, CAUSAL, doc_rows)
         s = tl.where(keep, s, float("-inf"))
         tile_max = tl.max(s, 1)
         arg_i = tl.where(tile_max > m_i, tl.argmax(s, 1).to(tl.int32) + start_n, arg_i)
@@ -130,7 +145,8 @@ def _tile_ds(s, keep, m, log_l, xbar, delta, dh, do, v):
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, ROW, DELTA, DH, DK, DV, T, D, CAUSAL: tl.constexpr,
+def _bwd_dkdv_kernel(Q, K, V, DO, ROW, DELTA, DH, DK, DV, DOC, DOC_END, T, D, CAUSAL: tl.constexpr,
+                     HAS_DOC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1).to(tl.int64)
@@ -147,12 +163,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, ROW, DELTA, DH, DK, DV, T, D, CAUSAL: tl.const
     lo = 0
     if CAUSAL:
         lo = (start_n // BLOCK_M) * BLOCK_M
-    for start_m in range(lo, T, BLOCK_M):
+    hi = T
+    if HAS_DOC:  # queries after the document of this block's last key cannot see it
+        hi = tl.load(DOC_END + bh * T + tl.minimum(start_n + BLOCK_N, T) - 1)
+    for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         q = _load_rows(Q, base, rows, T, D, offs_d, d_ok)
         do = _load_rows(DO, base, rows, T, D, offs_d, d_ok)
         m, log_l, xbar, delta, dh = _load_row_stats(ROW, DELTA, DH, bh, rows, T, tl.num_programs(1))
-        s, keep = _tile_scores(q, k, rows, cols, T, CAUSAL)
+        s, keep = _tile_scores(q, k, rows, cols, T, CAUSAL, _doc_rows(DOC, bh, rows, T, HAS_DOC))
         p, ds = _tile_ds(s, keep, m, log_l, xbar, delta, dh, do, v)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
@@ -162,7 +181,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, ROW, DELTA, DH, DK, DV, T, D, CAUSAL: tl.const
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, ROW, DELTA, DH, IDX, DQ, RES, T, D, CAUSAL: tl.constexpr,
+def _bwd_dq_kernel(Q, K, V, DO, ROW, DELTA, DH, IDX, DQ, RES, DOC, T, D, CAUSAL: tl.constexpr,
+                   HAS_DOC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
@@ -177,14 +197,18 @@ def _bwd_dq_kernel(Q, K, V, DO, ROW, DELTA, DH, IDX, DQ, RES, T, D, CAUSAL: tl.c
     m, log_l, xbar, delta, dh = _load_row_stats(ROW, DELTA, DH, bh, rows, T, tl.num_programs(1))
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     residual = tl.zeros([BLOCK_M], tl.float32)  # sum_j ds_ij: zero in exact arithmetic
+    doc_rows = _doc_rows(DOC, bh, rows, T, HAS_DOC)
+    lo = 0
+    if HAS_DOC:
+        lo = (tl.load(DOC + bh * T + start_m) // BLOCK_N) * BLOCK_N
     hi = T
     if CAUSAL:
         hi = tl.minimum(T, start_m + BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k = _load_rows(K, base, cols, T, D, offs_d, d_ok)
         v = _load_rows(V, base, cols, T, D, offs_d, d_ok)
-        s, keep = _tile_scores(q, k, rows, cols, T, CAUSAL)
+        s, keep = _tile_scores(q, k, rows, cols, T, CAUSAL, doc_rows)
         _, ds = _tile_ds(s, keep, m, log_l, xbar, delta, dh, do, v)
         ds = ds.to(k.dtype)
         residual += tl.sum(ds.to(tl.float32), 1)
@@ -211,7 +235,7 @@ def _launch_config(d: int, dtype: torch.dtype):
 
 class TritonEntropyAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, block_m: int | None, block_n: int | None):
+    def forward(ctx, q, k, v, causal: bool, block_m: int | None, block_n: int | None, doc_start=None):
         b, h, T, d = q.shape
         bm, bn, bd, warps = _launch_config(d, q.dtype)
         bm, bn = block_m or bm, block_n or bn
@@ -220,16 +244,18 @@ class TritonEntropyAttention(torch.autograd.Function):
         row_stats = torch.empty((3, b * h, T), device=q.device, dtype=torch.float32)  # m, log l, xbar
         argmax = torch.empty((b * h, T), device=q.device, dtype=torch.int32)
         ent = torch.empty((b, h, T), device=q.device, dtype=torch.float32)
+        doc, doc_end = _document_rows(doc_start, h, T, q.device)
         _fwd_kernel[(triton.cdiv(T, bm), b * h)](
-            q, k, v, out, row_stats, argmax, ent, T, d, CAUSAL=causal,
+            q, k, v, out, row_stats, argmax, ent, doc, T, d, CAUSAL=causal, HAS_DOC=doc_start is not None,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
-        ctx.save_for_backward(q, k, v, out, row_stats, argmax)
+        ctx.save_for_backward(q, k, v, out, row_stats, argmax, doc, doc_end)
+        ctx.has_doc = doc_start is not None
         ctx.causal, ctx.config = causal, (bm, bn, bd, warps)
         return out, ent
 
     @staticmethod
     def backward(ctx, d_out, d_ent):
-        q, k, v, out, row_stats, argmax = ctx.saved_tensors
+        q, k, v, out, row_stats, argmax, doc, doc_end = ctx.saved_tensors
         bm, bn, bd, warps = ctx.config
         b, h, T, d = q.shape
         # Grads of unused outputs arrive as zeros (materialize_grads default).
@@ -238,20 +264,32 @@ class TritonEntropyAttention(torch.autograd.Function):
         delta = (d_out.float() * out.float()).sum(-1).contiguous()  # D = rowsum(dO * O), O(T d)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         residual = torch.empty((b * h, T), device=q.device, dtype=torch.float32)
-        common = dict(CAUSAL=ctx.causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
+        common = dict(CAUSAL=ctx.causal, HAS_DOC=ctx.has_doc, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
         _bwd_dkdv_kernel[(triton.cdiv(T, bn), b * h)](
-            q, k, v, d_out, row_stats, delta, dh, dk, dv, T, d, **common)
+            q, k, v, d_out, row_stats, delta, dh, dk, dv, doc, doc_end, T, d, **common)
         _bwd_dq_kernel[(triton.cdiv(T, bm), b * h)](
-            q, k, v, d_out, row_stats, delta, dh, argmax, dq, residual, T, d, **common)
+            q, k, v, d_out, row_stats, delta, dh, argmax, dq, residual, doc, T, d, **common)
         # The other half of the gradient of softmax(s - s_max): -r_i q_i into dk at row i's argmax
         # key (O(T d); a scatter the per-key-block kernel cannot do without atomics).
         fix = (residual.unsqueeze(-1) * q.view(b * h, T, d).float()).neg_()
         dk_fp32 = dk.view(b * h, T, d).float().scatter_add_(1, argmax.long().unsqueeze(-1).expand(-1, -1, d), fix)
-        return dq, dk_fp32.view(b, h, T, d).to(k.dtype), dv, None, None, None
+        return dq, dk_fp32.view(b, h, T, d).to(k.dtype), dv, None, None, None, None
+
+
+def _document_rows(doc_start, heads: int, T: int, device):
+    """[b*h, T] int32 document start of each query and (exclusive) end of each key's document;
+    1-element placeholders without document attention (the kernels then never read them)."""
+    if doc_start is None:
+        empty = torch.zeros(1, dtype=torch.int32, device=device)
+        return empty, empty
+    starts = doc_start.to(device=device, dtype=torch.int64).repeat_interleave(heads, dim=0).contiguous()
+    positions = torch.arange(T, device=device).expand_as(starts).contiguous()
+    ends = torch.searchsorted(starts, positions, right=True)  # #queries whose start <= j
+    return starts.to(torch.int32), ends.to(torch.int32)
 
 
 def triton_entropy_attention(q, k, v, causal: bool = True, *, block_m: int | None = None,
-                             block_n: int | None = None):
+                             block_n: int | None = None, doc_start=None):
     """Same contract as `fused_entropy_attention` (q, k, v [b, h, T, d], q carries every scale;
     returns context in q's dtype and fp32 entropy [b, h, T]). block_m / block_n (powers of two
     >= 16) override the launch configuration, e.g. to exercise multi-block paths in tests."""
@@ -261,4 +299,6 @@ def triton_entropy_attention(q, k, v, causal: bool = True, *, block_m: int | Non
     if q.shape[-1] > 128 or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"triton path supports head_dim <= 128 and fp16/bf16/fp32; got "
                          f"{q.shape[-1]}, {q.dtype}")
-    return TritonEntropyAttention.apply(q, k, v, bool(causal), block_m, block_n)
+    if doc_start is not None and not causal:
+        raise ValueError("doc_start (document attention) needs causal=True")
+    return TritonEntropyAttention.apply(q, k, v, bool(causal), block_m, block_n, doc_start)

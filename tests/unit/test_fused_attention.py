@@ -276,6 +276,21 @@ TRITON_SCRIPT = textwrap.dedent("""
                         assert err < 1e-3 and err <= max(10 * err_e + 1e-6, 2e-4), (name, t0, T, causal, mode, err, err_e)
     print("TRITON_GRID_OK")
 
+    # Document attention: the kernels against the PyTorch path's (tested against documents run
+    # alone in tests/unit/test_fused_documents.py); boundaries on and off the 16-wide tiles.
+    from megatron_entropy.model.fused_attention import blocked_entropy_attention
+    from tests.unit.test_fused_documents import doc_starts
+    g = torch.Generator().manual_seed(0)
+    doc_start = torch.stack([doc_starts(lengths) for lengths in ([1, 16, 17, 30, 6], [40, 30])])
+    base = [torch.randn(2, 2, 70, 16, generator=g) for _ in range(3)]
+    base[0] = base[0] * 3
+    w = (torch.randn(2, 2, 70, 16, generator=g), torch.randn(2, 2, 70, generator=g))
+    tri = run(triton_entropy_attention, base, w, block_m=16, block_n=16, doc_start=doc_start)
+    ref = run(blocked_entropy_attention, base, w, block_size=16, doc_start=doc_start)
+    for name, a, b in zip(NAMES, tri, ref):
+        assert max_rel_err(a, b) < 2e-5, (name, max_rel_err(a, b))
+    print("TRITON_DOCUMENTS_OK")
+
     # The self-check before first use, and the fallback on a mismatch.
     import logging
     from megatron_entropy.model import fused_attention as fa
@@ -309,7 +324,7 @@ def test_triton_kernels_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
     proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
-    for marker in ("TRITON_OK", "TRITON_GRID_OK", "TRITON_FALLBACK_OK"):
+    for marker in ("TRITON_OK", "TRITON_GRID_OK", "TRITON_DOCUMENTS_OK", "TRITON_FALLBACK_OK"):
         assert proc.returncode == 0 and marker in proc.stdout, proc.stdout + proc.stderr
     print(proc.stdout.strip())
 
@@ -330,12 +345,12 @@ def test_triton_kernels_compile_for_sm90(dtype, d, causal):
 
     ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
     bm, bn, bd, warps = ta._launch_config(d, dtype)
-    const = dict(CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    const = dict(CAUSAL=causal, HAS_DOC=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
     rows = {"ROW": "*fp32", "DELTA": "*fp32", "DH": "*fp32"}
     signatures = {
-        ta._fwd_kernel: dict(Q=ptr, K=ptr, V=ptr, O=ptr, ROW="*fp32", IDX="*i32", ENT="*fp32"),
-        ta._bwd_dkdv_kernel: dict(Q=ptr, K=ptr, V=ptr, DO=ptr, **rows, DK=ptr, DV=ptr),
-        ta._bwd_dq_kernel: dict(Q=ptr, K=ptr, V=ptr, DO=ptr, **rows, IDX="*i32", DQ=ptr, RES="*fp32"),
+        ta._fwd_kernel: dict(Q=ptr, K=ptr, V=ptr, O=ptr, ROW="*fp32", IDX="*i32", ENT="*fp32", DOC="*i32"),
+        ta._bwd_dkdv_kernel: dict(Q=ptr, K=ptr, V=ptr, DO=ptr, **rows, DK=ptr, DV=ptr, DOC="*i32", DOC_END="*i32"),
+        ta._bwd_dq_kernel: dict(Q=ptr, K=ptr, V=ptr, DO=ptr, **rows, IDX="*i32", DQ=ptr, RES="*fp32", DOC="*i32"),
     }
     for fn, sig in signatures.items():
         sig = {**sig, "T": "i32", "D": "i32", **{name: "constexpr" for name in const}}
