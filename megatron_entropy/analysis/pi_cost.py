@@ -19,6 +19,7 @@ from decimal import ROUND_HALF_UP, Decimal
 
 import numpy as np
 
+from megatron_entropy.analysis.pi_measured import nnls, relative_nnls  # noqa: F401 (nnls: shared by both fits)
 from megatron_entropy.model.variants import BASELINE, VARIANTS, BlockSpec
 
 
@@ -178,36 +179,8 @@ def cost_features(spec: BlockSpec, shape: Shape) -> dict[str, float]:
     }
 
 
-def nnls(A: np.ndarray, b: np.ndarray, max_iter: int = 200) -> np.ndarray:
-    """min ||A x - b|| subject to x >= 0 (Lawson-Hanson active set; scipy is not a dependency)."""
-    n = A.shape[1]
-    passive = np.zeros(n, dtype=bool)
-    x = np.zeros(n)
-    for _ in range(max_iter):
-        gradient = A.T @ (b - A @ x)
-        if passive.all() or gradient[~passive].max() <= 1e-12 * max(1.0, np.abs(gradient).max()):
-            break
-        passive[np.argmax(np.where(passive, -np.inf, gradient))] = True
-        while True:  # solve on the passive set; step back until every passive coefficient is > 0
-            z = np.zeros(n)
-            z[passive] = np.linalg.lstsq(A[:, passive], b, rcond=None)[0]
-            if (z[passive] > 0).all():
-                x = z
-                break
-            blocking = passive & (z <= 0)
-            step = np.min(x[blocking] / (x[blocking] - z[blocking]))
-            x = x + step * (z - x)
-            passive &= x > 1e-15
-            x[~passive] = 0.0
-    return x
-
-
 def _fit_coefficients(X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """NNLS on relative error: rows divided by the measurement, columns scaled to unit max."""
-    scale = np.abs(X).max(axis=0)
-    scale[scale == 0] = 1.0
-    weighted = (X / scale) / y[:, None]
-    return nnls(weighted, np.ones_like(y)) / scale
+    return relative_nnls(X, y)
 
 
 @dataclass
@@ -304,3 +277,61 @@ def shape_report(shape: Shape, variants: list[tuple[str, BlockSpec]], model: Cos
     model = model or fit_cost_model()
     baseline = model.estimate(VARIANTS[BASELINE], shape)
     return [cost_row(name, spec, shape, model, baseline) for name, spec in variants]
+
+
+# ----------------------------------------------------------------------------- measured mode
+
+GPT2_VOCAB = 50257
+
+
+def measured_arch(spec: BlockSpec, shape: Shape, vocab_size: int = GPT2_VOCAB):
+    from megatron_entropy.analysis import pi_measured
+
+    return pi_measured.Arch.from_spec(spec, shape.num_layers, shape.num_heads, shape.hidden_size,
+                                      shape.ffn_hidden_size, vocab_size)
+
+
+def measured_row(variant: str, spec: BlockSpec, shape: Shape, coefficients: dict, baseline: dict | None,
+                 vocab_size: int = GPT2_VOCAB, bandwidth_mbps: float = 100.0, rtt_ms: float = 80.0) -> dict:
+    """One row of the paper-style table from the measured per-operation costs (analysis/pi_measured.py)."""
+    from megatron_entropy.analysis import pi_measured
+
+    est = pi_measured.estimate(coefficients, measured_arch(spec, shape, vocab_size), shape.seq_length,
+                               bandwidth_mbps * 1e6, rtt_ms / 1e3)
+    t = est["total"]
+    row = cost_row(variant, spec, shape, CostModel(dict.fromkeys(FEATURES, 0.0), dict.fromkeys(FEATURES, 0.0)),
+                   (1.0, 1.0))
+    row.update({"comm_gb_est": t["bytes"] / 1e9, "latency_min_est": t["latency_s"] / 60,
+                "send_actions_est": t["actions"], "compute_min_est": t["seconds"] / 60,
+                "transfer_min_est": 8 * t["bytes"] / (bandwidth_mbps * 1e6) / 60,
+                "rounds_min_est": t["actions"] * rtt_ms / 1e3 / 60,
+                "comm_gb_by_class": {k: v["bytes"] / 1e9 for k, v in est["by_class"].items()}})
+    base = baseline or row
+    row["comm_saving"] = base["comm_gb_est"] / row["comm_gb_est"]
+    row["latency_saving"] = base["latency_min_est"] / row["latency_min_est"]
+    return row
+
+
+def measured_shape_report(shape: Shape, variants: list[tuple[str, BlockSpec]], coefficients: dict,
+                          vocab_size: int = GPT2_VOCAB, **network) -> list[dict]:
+    baseline = measured_row(BASELINE, VARIANTS[BASELINE], shape, coefficients, None, vocab_size, **network)
+    return [measured_row(n, s, shape, coefficients, baseline, vocab_size, **network) for n, s in variants]
+
+
+def measured_vs_paper(coefficients: dict, **network) -> dict:
+    """The measured model extrapolated to every published GPT-2 configuration, with its error."""
+    rows = []
+    for row in PUBLISHED + HELD_OUT:
+        est = measured_row(row.variant, VARIANTS[row.variant], row.shape, coefficients, None, GPT2_VOCAB, **network)
+        rows.append({"table": row.table, "variant": row.variant, "num_layers": row.num_layers,
+                     "seq_length": row.seq_length, "in_fit": False,
+                     "comm_gb": row.comm_gb, "comm_est": est["comm_gb_est"], "comm_err": est["comm_gb_est"] / row.comm_gb - 1,
+                     "latency_min": row.latency_min, "latency_est": est["latency_min_est"],
+                     "latency_err": est["latency_min_est"] / row.latency_min - 1,
+                     "transfer_min_est": est["transfer_min_est"], "rounds_min_est": est["rounds_min_est"],
+                     "compute_min_est": est["compute_min_est"]})
+    published = [r for r in rows if r["table"] != "AERO"]
+    summary = {f"{m}_err_abs_{stat}": fn([abs(r[f"{m}_err"]) for r in published])
+               for m in ("comm", "latency") for stat, fn in (("mean", lambda v: float(np.mean(v))),
+                                                              ("max", lambda v: float(np.max(v))))}
+    return {"rows": rows, "summary": summary}
