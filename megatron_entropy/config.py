@@ -54,7 +54,7 @@ class ModelConfig:
     entropy_reg_coeff: float = 1e-5  # lambda
     entropy_tolerance: float = 0.2  # gamma
     entropy_threshold_init: float = 0.5  # theta
-    entropy_reduction: str = "token_mean"  # or paper_sum (the official code's reduction)
+    entropy_reduction: str = "token_mean"  # | paper_sum (the official code's) | paper_text (mean over queries, then one penalty per head)
     entropy_reference_tokens: int = 16384  # paper micro-batch: 128 sequences x 128 tokens
     qk_bias: bool = True  # the authors' harness has Q/K biases, none on V, O and the FFN
     init_std: float = 0.02
@@ -178,7 +178,7 @@ class Config:
         _check(m.temperature_init > 0, f"model.temperature_init={m.temperature_init} must be > 0")
         _check(m.temperature_param in ("log", "raw"), f"model.temperature_param={m.temperature_param!r} must be log or raw")
         _check(m.alpha_init != 0, "model.alpha_init must be non-zero (the FFN output is divided by alpha)")
-        _check(m.entropy_reduction in ("token_mean", "paper_sum"), f"model.entropy_reduction={m.entropy_reduction!r} must be token_mean or paper_sum")
+        _check(m.entropy_reduction in ("token_mean", "paper_sum", "paper_text"), f"model.entropy_reduction={m.entropy_reduction!r} must be token_mean, paper_sum or paper_text")
         _check(m.attention_core in ("auto", "eager", "fused", "sdpa"), f"model.attention_core={m.attention_core!r} must be auto, eager, fused or sdpa")
         _check(m.vocab_size is None or m.vocab_size >= 2, "model.vocab_size must be >= 2 (or unset to take the tokenizer's)")
         _check(0 <= m.embedding_dropout < 1, "model.embedding_dropout must be in [0, 1)")

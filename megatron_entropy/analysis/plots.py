@@ -284,6 +284,43 @@ def save_loss_comparison(curves: dict, path, title=None) -> Path:
     return _save(fig, path)
 
 
+def save_depth_entropy_trajectories(trajectories: dict, path, title=None) -> Path:
+    """Early-half and deep-half mean layer entropy over steps, one colour per arm, mean over seeds.
+
+    trajectories = {label: [(steps, [[layer means] per step]) per seed]}; solid = deep layers,
+    dashed = early layers (how collapse and overload develop with training).
+    """
+    import matplotlib
+
+    colors = matplotlib.colormaps["tab10"]
+    fig = _figure()
+    ax = fig.subplots()
+    for i, (label, seeds) in enumerate(trajectories.items()):
+        if not seeds:
+            continue
+        steps = seeds[0][0]
+        for half, style in (("deep", "-"), ("early", "--")):
+            per_seed = []
+            for seed_steps, rows in seeds:
+                by_step = dict(zip(seed_steps, rows))
+                per_seed.append([_half_mean(by_step.get(st), half) for st in steps])
+            mean = [_nanmean(col) for col in zip(*per_seed)]
+            ax.plot(steps, mean, style, color=colors(i % 10), label=f"{label} ({half})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean head entropy (nats, training batches)")
+    ax.set_title(title or "early (dashed) and deep (solid) layer entropy over training, mean over seeds")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _half_mean(layer_means, half: str) -> float:
+    if not layer_means:
+        return float("nan")
+    split = max(1, len(layer_means) // 2)
+    return _nanmean(layer_means[:split] if half == "early" else layer_means[split:] or layer_means)
+
+
 # ----------------------------------------------------------------------------- one run
 
 def render_run_figures(run_dir, out_dir=None) -> list[Path]:

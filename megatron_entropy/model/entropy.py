@@ -9,6 +9,12 @@ meaning of lambda) depends on the micro-batch shape and on how a global batch is
 micro-batches and data-parallel ranks. The default "token_mean" reduction averages over (b, i)
 instead and multiplies by `reference_tokens` (16,384 = the paper's 128 x 128 micro-batch), which
 equals the paper's value at the paper's batch shape and is the same for every parallel layout.
+The paper's text (section 4, Eq. 4) describes a third form, "paper_text": average the entropy over
+the micro-batch's sequences and query positions first, then one thresholded square per head:
+    Ebar[l, h] = mean_{b,i} E[b, h, i],   delta = Ebar - theta[l, h] * log T
+    penalty[l, h] = delta^2 * 1(|delta| > gamma * log T)
+It has no token count in it (lambda is not rescaled), and a head whose rows deviate in both
+directions can have a mean inside the margin and no penalty at all.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ from megatron_entropy.parallel.recompute import is_recomputing
 def head_penalties(entropy: torch.Tensor, theta: torch.Tensor, log_t: float, tolerance: float,
                    reduction: str = "token_mean", reference_tokens: int = 16384) -> torch.Tensor:
     """Per-head penalty [h] from row entropies [b, h, T] (fp32) and threshold fractions theta [h]."""
+    if reduction == "paper_text":  # mean entropy per head first, then one penalty per head
+        head_delta = entropy.float().mean(dim=(0, 2)) - theta.float() * log_t
+        outside = head_delta.abs() > tolerance * log_t
+        return torch.where(outside, head_delta, torch.zeros_like(head_delta)).square()
     delta = entropy.float() - theta.float()[None, :, None] * log_t
     outside = delta.abs() > tolerance * log_t
     squared = torch.where(outside, delta, torch.zeros_like(delta)).square()

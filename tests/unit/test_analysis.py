@@ -323,33 +323,103 @@ def test_plot_entropy_tool(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- study report (no training)
 
-def test_study_report_from_synthetic_runs(tmp_path):
+def _synthetic_study(tmp_path, deep_drop: dict, val_loss: dict, seeds=(1, 2, 3)):
+    """Runs of SM+LN+G, SM, SM+ScFuFFN and EReg whose numbers we choose, one metrics.jsonl each."""
     from megatron_entropy.analysis import study
 
-    settings = study.StudySettings(("SM+LN+G", "SM"), steps=20)
+    settings = study.StudySettings(study.STUDY_VARIANTS, steps=20, seeds=seeds)
     outcomes = []
-    for variant in settings.variants:
-        run_dir = tmp_path / "runs" / study.slug(variant)
+    for run in study.plan(settings):
+        jitter = 0.01 * run.seed
+        run_dir = tmp_path / "runs" / run.name
         write_metrics(run_dir, layers=4, theta=False, temperature=False)
-        outcomes.append(study.RunOutcome(variant, run_dir, 0, 1.0, []))
-    summaries = [study.summarize_run(o) for o in outcomes]
-    base, sm = summaries
-    assert base["val_ppl"] == pytest.approx(math.exp(3.0)) and base["nan_total"] == 0 and not study.unstable(base)
-    assert base["early_entropy"] > base["deep_entropy"]  # the synthetic run's deep layers fall off
-    assert base["alarms"] == {"entropy_collapse": 20}
-    sm["nan_total"], sm["deep_entropy"] = 12.0, 0.01  # as if SM had diverged and collapsed
-    text = "\n".join(study.observations(summaries))
-    assert "became unstable" in text and "collapsed" in text and "Scale caveat" in text
-    report = study.write_report(tmp_path, summaries, settings, total_s=2.0).read_text()
-    assert "| SM | 20.09 | NaNs | 12 NaNs |" in report
-    for image in ("figures/entropy_bins.png", "figures/train_loss.png", "figures/heatmap_sm_ln_g.png"):
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()[:-1]  # drop the torn line
+        drop = deep_drop[run.arm.label]
+        entropy = [[3.2 - (drop if layer >= 2 else 0.0) - jitter for _ in range(4)] for layer in range(4)]
+        lines[-1] = json.dumps({"kind": "final", "step": 20, "val_loss": val_loss[run.arm.label] + jitter,
+                                "val_ppl": 1.0, "wall_s": 1.0, "entropy": entropy})
+        (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        outcomes.append(study.RunOutcome(run, run_dir, 0, 1.0, []))
+    return settings, [study.summarize_run(o) for o in outcomes]
+
+
+def test_study_verdicts_follow_the_numbers(tmp_path):
+    from megatron_entropy.analysis import study_report
+
+    # SM's deep layers at 0.2 nats (bottom bin: < 3.2/4), the baseline's at 2.7; EReg 5 % better.
+    settings, summaries = _synthetic_study(
+        tmp_path, deep_drop={"SM+LN+G": 0.5, "SM": 3.0, "SM+ScFuFFN": 0.5, "EReg(SM(t)+ScFuFFN)": 0.5},
+        val_loss={"SM+LN+G": 4.0, "SM": 4.5, "SM+ScFuFFN": 4.3, "EReg(SM(t)+ScFuFFN)": 4.3 + math.log(0.95)})
+    sm = next(s for s in summaries if s["label"] == "SM")
+    assert sm["deep_bottom_bin"] == 1.0 and sm["early_top_bin"] == 1.0 and sm["seed"] == 1
+    assert sm["deep_entropy"] == pytest.approx(0.19) and sm["val_ppl"] == pytest.approx(math.exp(4.51))
+    verdicts = {f["name"]: f for f in study_report.findings(study_report.group(summaries))}
+    assert verdicts["SM entropy collapse in deep layers"]["verdict"] == "reproduced"
+    assert verdicts["EReg gain over SM+ScFuFFN"]["verdict"] == "reproduced"
+    assert "EReg better by 5.0 %" in verdicts["EReg gain over SM+ScFuFFN"]["lines"][0]
+    # Every early head of every variant is in the top bin: no difference to test, the baseline is not specialised.
+    assert verdicts["entropic overload in early layers"]["verdict"] == "not reproduced"
+    report = study_report.write_report(tmp_path, summaries, settings, total_s=2.0).read_text()
+    assert "### SM entropy collapse in deep layers: **reproduced**" in report
+    assert "| SM | 3 | " in report and "± " in report
+    for image in ("figures/entropy_bins.png", "figures/train_loss.png", "figures/heatmap_sm_ln_g.png",
+                  "figures/entropy_trajectories.png"):
         assert f"({image})" in report and (tmp_path / image).is_file()
-    assert study.slug("EReg(SM(t)+ScFuFFN)") == "ereg_sm_t_scfuffn"
+
+
+def test_study_verdict_not_reproduced_when_the_difference_is_noise(tmp_path):
+    from megatron_entropy.analysis import study_report
+
+    settings, summaries = _synthetic_study(
+        tmp_path, deep_drop=dict.fromkeys(("SM+LN+G", "SM", "SM+ScFuFFN", "EReg(SM(t)+ScFuFFN)"), 0.5),
+        val_loss={"SM+LN+G": 4.0, "SM": 4.0, "SM+ScFuFFN": 4.3, "EReg(SM(t)+ScFuFFN)": 4.31})
+    verdicts = {f["name"]: f["verdict"] for f in study_report.findings(study_report.group(summaries))}
+    assert verdicts == {"SM entropy collapse in deep layers": "not reproduced",
+                        "entropic overload in early layers": "not reproduced",
+                        "EReg gain over SM+ScFuFFN": "not reproduced"}
 
 
 def test_study_summary_of_a_run_that_wrote_nothing(tmp_path):
     from megatron_entropy.analysis import study
 
-    summary = study.summarize_run(study.RunOutcome("SM", tmp_path / "missing", 1, 0.5, []))
-    assert study.unstable(summary) and summary["entropy"] is None
-    assert "crashed" in "\n".join(study.findings_table([summary]))
+    run = study.RunSpec(study.Arm("SM", "SM"), seed=1)
+    summary = study.summarize_run(study.RunOutcome(run, tmp_path / "missing", 1, 0.5, []))
+    assert study.unstable(summary) and summary["entropy"] is None and not study.loss_spiked(summary)
+    assert study.slug("EReg(SM(t)+ScFuFFN)") == "ereg_sm_t_scfuffn" and run.name == "sm_seed1"
+
+
+def _student_t_pdf(x, df):
+    return math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2)) * (1 + x * x / df) ** (-(df + 1) / 2)
+
+
+def _student_t_tail(t, df, n=20000):
+    """P(T > t) by Simpson's rule on [0, t] (independent of scipy)."""
+    h = t / n
+    area = sum((1 if i in (0, n) else 4 if i % 2 else 2) * _student_t_pdf(i * h, df) for i in range(n + 1)) * h / 3
+    return 0.5 - area
+
+
+def _student_t_quantile(q, df):
+    low, high = 0.0, 50.0
+    for _ in range(60):  # bisection on the tail
+        mid = (low + high) / 2
+        low, high = (mid, high) if _student_t_tail(mid, df, 2000) > 1 - q else (low, mid)
+    return (low + high) / 2
+
+
+def test_seed_statistics_against_hand_computed_values():
+    from megatron_entropy.analysis import stats
+
+    iv = stats.mean_interval([1.0, 2.0, 3.0, float("nan")])
+    # sd 1, n 3, t(0.975, 2) = 4.302653: half width 4.302653 / sqrt(3)
+    assert iv.mean == 2.0 and iv.half_width == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert iv.n == 3 and iv.n_dropped == 1
+    c = stats.welch([1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0])
+    # Welch by hand: se^2 = 1/3 + (5/3)/4, df = se^4 / ((1/3)^2/2 + (5/12)^2/3)
+    se = math.sqrt(1 / 3 + 5 / 12)
+    df = se ** 4 / ((1 / 3) ** 2 / 2 + (5 / 12) ** 2 / 3)
+    assert c.difference == -3.5 and df == pytest.approx(4.959, abs=1e-3)
+    t = 3.5 / se
+    assert c.p_value == pytest.approx(2 * _student_t_tail(t, df), rel=1e-4) and c.significant
+    assert c.half_width == pytest.approx(_student_t_quantile(0.975, df) * se, rel=1e-4)
+    assert not stats.welch([1.0, 2.0], [1.5, 2.5]).significant

@@ -27,20 +27,25 @@ def algorithm1(attn_maps, thetas, gamma, reduction="paper_sum", reference_tokens
         layer_sum = 0.0
         for h in range(H):
             head = 0.0
+            head_entropy = 0.0  # paper_text: the head's entropy averaged over sequences and queries
             for s in range(b):
                 for i in range(T):
                     row = attn[s, h, i]
                     ent = -sum(float(p) * math.log(float(p)) for p in row if p > 0)
+                    head_entropy += ent / (b * T)
                     delta = ent - float(thetas[layer][h]) * e_max
                     head += delta ** 2 if abs(delta) > gamma * e_max else 0.0
             if reduction == "token_mean":
                 head = head / (b * T) * reference_tokens
+            if reduction == "paper_text":
+                delta = head_entropy - float(thetas[layer][h]) * e_max
+                head = delta ** 2 if abs(delta) > gamma * e_max else 0.0
             layer_sum += head
         total += layer_sum / H
     return total / L
 
 
-@pytest.mark.parametrize("reduction", ["paper_sum", "token_mean"])
+@pytest.mark.parametrize("reduction", ["paper_sum", "token_mean", "paper_text"])
 def test_penalty_equals_algorithm1(reduction):
     g = torch.Generator().manual_seed(0)
     maps = [random_attention(2, 3, 7, g) for _ in range(2)]
@@ -52,6 +57,20 @@ def test_penalty_equals_algorithm1(reduction):
     ours /= 2
     assert ours == pytest.approx(algorithm1(maps, thetas, 0.2, reduction), rel=1e-6)
     assert ours > 0  # the random thetas put most rows outside the margin
+
+
+def test_paper_text_penalises_the_head_mean_not_the_rows():
+    """Rows on both sides of the threshold: every row pays under paper_sum, the head's mean does not."""
+    log_t = math.log(16)
+    theta = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    centre = 0.5 * log_t
+    spread = torch.tensor([centre - 0.5 * log_t, centre + 0.5 * log_t], dtype=torch.float64)  # |delta| > 0.2 log T
+    entropy = torch.stack([spread.repeat(4), spread.repeat(4) + 0.3 * log_t])[None]  # [1, 2 heads, 8 rows]
+    per_row = head_penalties(entropy, theta, log_t, 0.2, "paper_sum")
+    per_head = head_penalties(entropy, theta, log_t, 0.2, "paper_text")
+    assert float(per_row[0]) == pytest.approx(8 * (0.5 * log_t) ** 2, rel=1e-6)
+    assert float(per_head[0]) == 0.0  # mean exactly on the threshold
+    assert float(per_head[1]) == pytest.approx((0.3 * log_t) ** 2, rel=1e-6)  # mean outside the margin
 
 
 def test_penalty_gradients_equal_autograd_of_direct_formula():
