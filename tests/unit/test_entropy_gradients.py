@@ -17,6 +17,7 @@ import torch
 from megatron_entropy.model.attention import eager_core
 from megatron_entropy.model.entropy import EntropyRegularization
 from megatron_entropy.model.fused_attention import blocked_entropy_attention
+from tests.unit.test_entropy import official_compute_loss
 
 NAMES = ("dq", "dk", "dv", "dt")
 
@@ -107,20 +108,6 @@ def test_near_one_hot_and_near_uniform_rows_at_long_t():
 
 # ---------------------------------------------------------------------------------------------
 # The drop-in regulariser on a real Hugging Face causal model
-
-
-def official_compute_loss(attentions, thresholds, num_heads, num_layers, coeff=1e-5, gamma=0.2):
-    """The official repository's formula, literally: -nansum(A log(A + 1e-9)), per-token sum."""
-    e_max = math.log(attentions[0].shape[-1])
-    total = 0.0
-    for attn in attentions:
-        ent = -torch.nansum(attn * torch.log(attn + 1e-9), dim=-1)
-        layer = 0.0
-        for h in range(num_heads):
-            dev = ent[:, h, :] - thresholds[h] * e_max
-            layer = layer + torch.square(torch.where(dev.abs() > gamma * e_max, dev, torch.zeros_like(dev))).sum()
-        total = total + layer / num_heads
-    return coeff * total / num_layers
 
 
 def gpt2_gradients(loss_fn):
