@@ -20,10 +20,8 @@ import json
 import logging
 from pathlib import Path
 
-from megatron_entropy.downstream.local_tasks import TASK_DIR, shipped_task_names
+from megatron_entropy.downstream.local_tasks import INSTALL_HINT, TASK_DIR, shipped_task_names
 from megatron_entropy.training.checkpoint import CheckpointError
-
-INSTALL_HINT = "lm-evaluation-harness is not installed; install it with pip install -e .[eval]"
 
 
 class HarnessError(ValueError):

@@ -33,6 +33,7 @@ NEXT_LINE_EXAMPLES = 200
 CONTEXT_LINES, CONTEXT_CHARS, CHOICES = 8, 400, 4
 ROLLING_SNIPPETS, SNIPPET_CHARS, SNIPPETS_PER_FILE = 40, 1200, 6
 
+INSTALL_HINT = "lm-evaluation-harness is not installed; install it with pip install -e .[eval]"
 _TASK_LINE = re.compile(r"^task:\s*(\S+)\s*$", re.M)
 
 
@@ -44,6 +45,12 @@ def shipped_task_names() -> list[str]:
         if match:
             names.append(match.group(1))
     return names
+
+
+def unknown_tasks(names: list[str]) -> list[str]:
+    """The names that are neither a shipped task nor their tag."""
+    known = set(shipped_task_names()) | {TAG}
+    return [name for name in names if name not in known]
 
 
 def _candidate_line(line: str) -> bool:
