@@ -5,8 +5,9 @@ their paths; no model trained on the default data has seen them. Two tasks are m
 
   me_next_line    multiple choice: the 8 lines before a line of code (at most 400 characters),
                   then which of 4 lines (ASCII, at most 60 characters) comes next. The 3
-                  distractors are lines from other held-out files with the same indentation, so
-                  whitespace does not give the answer away. Chance: acc 0.25.
+                  distractors are lines from other held-out files with the same indentation and
+                  a length within 25% (or 4 characters), so neither whitespace nor length gives
+                  the answer away. Chance: acc 0.25.
   me_rolling_ppl  rolling log-likelihood of 40 snippets of whole lines (at most 1200 characters,
                   at most 6 per file): byte_perplexity and bits_per_byte
                   (lm-eval's word_perplexity means little on code: it is not reported).
@@ -83,7 +84,8 @@ def next_line_examples(documents: list[str], rng: random.Random) -> list[dict]:
     examples, used = [], set()
     for d, i in positions:
         lines, target = lines_of[d], lines_of[d][i]
-        pool = sorted({line for doc, line in by_indent[_indent(target)] if doc != d and line != target})
+        pool = sorted({line for doc, line in by_indent[_indent(target)]
+                       if doc != d and line != target and abs(len(line) - len(target)) <= max(4, len(target) // 4)})
         if len(pool) < CHOICES - 1 or (d, i) in used:
             continue
         context_lines = lines[i - CONTEXT_LINES:i]
