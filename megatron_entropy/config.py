@@ -120,6 +120,12 @@ class TrainConfig:
     requeue: bool = True  # on SIGUSR1/SIGTERM under Slurm: save, then `scontrol requeue` the job (rank 0)
     nonfinite: str = "skip"  # non-finite loss/grad on any rank: skip the update on every rank | stop (exit 3)
     inject_nan_at: str = ""  # testing hook "STEP:RANK": make that rank's loss NaN at that step
+    # Downstream evaluation with lm-eval during training (docs/evaluation.md; needs the eval extra):
+    # shipped task names or the tag megatron_entropy, run on rank 0 every eval_harness_interval
+    # steps (0: only at the end) on the first eval_harness_limit documents of each task (0: all).
+    eval_harness_tasks: list[str] = field(default_factory=list)
+    eval_harness_interval: int = 0
+    eval_harness_limit: int = 0
 
 
 @dataclass
@@ -221,6 +227,8 @@ class Config:
                f"train.inject_nan_at={t.inject_nan_at!r} must look like STEP:RANK (e.g. 5:1) or be empty")
         _check(lg.spike_factor == 0 or lg.spike_factor > 1, "logging.spike_factor must be > 1 (or 0 to disable)")
         _check(lg.peak_tflops is None or lg.peak_tflops > 0, "logging.peak_tflops must be > 0 (or none to disable)")
+        if t.eval_harness_tasks:
+            _check_harness(t, p)
         d = self.data
         _check(not d.train_weights or len(d.train_weights) == len(d.train_data),
                f"data.train_weights has {len(d.train_weights)} weights for {len(d.train_data)} data.train_data "
@@ -232,6 +240,23 @@ class Config:
 
 
 _INJECT = re.compile(r"^\s*\d+\s*:\s*\d+\s*$")  # "STEP:RANK" (quote it in YAML files: 5:1 is base-60 there)
+
+
+def _check_harness(t: TrainConfig, p: ParallelConfig) -> None:
+    import importlib.util
+
+    from megatron_entropy.downstream.local_tasks import INSTALL_HINT, TAG, shipped_task_names, unknown_tasks
+
+    unknown = unknown_tasks(t.eval_harness_tasks)
+    _check(not unknown, f"train.eval_harness_tasks: unknown task {', '.join(unknown)}; choose from "
+                        f"{', '.join(shipped_task_names())} or the tag {TAG}")
+    _check(t.eval_harness_interval >= 0 and t.eval_harness_limit >= 0,
+           "train.eval_harness_interval and train.eval_harness_limit must be >= 0 (0: at the end / every document)")
+    _check(p.tensor == 1 and p.pipeline == 1,
+           "train.eval_harness_tasks evaluates the unsharded model on rank 0, so it needs parallel.tensor=1 and "
+           "parallel.pipeline=1; evaluate the saved checkpoint with tools/eval_harness.py instead")
+    _check(importlib.util.find_spec("lm_eval") is not None and importlib.util.find_spec("accelerate") is not None,
+           f"train.eval_harness_tasks: {INSTALL_HINT}")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -30,7 +30,7 @@ if [ ! -f "$stamp" ]; then
   echo "setup: installing Python packages into .venv (about a minute)"
   # torch is pinned by constraints.txt so pip never pulls a multi-GB CUDA build on a CPU machine;
   # DS_BUILD_OPS=0 makes DeepSpeed compile its ops lazily instead of at install time.
-  DS_BUILD_OPS=0 .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+  DS_BUILD_OPS=0 .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,eval]"
   touch "$stamp"
 fi
 

@@ -250,6 +250,24 @@ def fold_model(model, model_cfg, ids: dict, say=print):
     return build_ours(config, sd)
 
 
+def hf_model(model_cfg, full: dict, ids: dict, fold: bool = False, say=print):
+    """(transformers model in fp32 eval mode, class name) holding the canonical tensors `full`:
+    what export_checkpoint saves, built in memory (tools/eval_harness.py evaluates it as it is)."""
+    if is_gpt2(model_cfg):
+        from transformers import GPT2LMHeadModel
+
+        model = GPT2LMHeadModel(gpt2_config(model_cfg, ids)).float().eval()
+        missing, unexpected = model.load_state_dict(to_gpt2_state(full, model_cfg), strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"export: GPT-2 tensors do not match (missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]})")
+        return model, "GPT2LMHeadModel"
+    model = build_ours(hf_config(model_cfg, ids), to_ours_state(full, model_cfg))
+    if fold:
+        model = fold_model(model, model_cfg, ids, say)
+    return model, "MegatronEntropyForCausalLM" + (" (folded)" if fold else "")
+
+
 # ----------------------------------------------------------------------------- writing
 
 def _quiet_transformers() -> None:
@@ -310,27 +328,15 @@ def export_checkpoint(ckpt, out, fold: bool = False, say=print) -> dict:
         tok_file = path / (meta.get("tokenizer") or {}).get("file", "") if (meta.get("tokenizer") or {}).get("file") \
             else None
         ids = special_ids(tok_file)
-        if is_gpt2(m):
-            from transformers import GPT2LMHeadModel
-
-            if fold:
-                say("fold: SM+LN+G has no inference-time constants to fold; exporting the plain GPT-2")
-            model = GPT2LMHeadModel(gpt2_config(m, ids)).float().eval()
-            missing, unexpected = model.load_state_dict(to_gpt2_state(full, m), strict=False)
-            if missing or unexpected:
-                raise CheckpointError(f"export: GPT-2 tensors do not match (missing {missing[:3]}, "
-                                      f"unexpected {unexpected[:3]})")
-            kind = "GPT2LMHeadModel"
-        else:
+        if fold and is_gpt2(m):
+            say("fold: SM+LN+G has no inference-time constants to fold; exporting the plain GPT-2")
+        model, kind = hf_model(m, full, ids, fold=fold, say=say)
+        if kind != "GPT2LMHeadModel":
             from megatron_entropy.hf.configuration_megatron_entropy import MegatronEntropyConfig
             from megatron_entropy.hf.modeling_megatron_entropy import MegatronEntropyForCausalLM
 
-            model = build_ours(hf_config(m, ids), to_ours_state(full, m))
-            if fold:
-                model = fold_model(model, m, ids, say)
             MegatronEntropyConfig.register_for_auto_class()
             MegatronEntropyForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-            kind = "MegatronEntropyForCausalLM" + (" (folded)" if fold else "")
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer = save_tokenizer(path, meta, tmp)
         save_generation_config(tmp, ids, m.seq_length)
@@ -461,4 +467,4 @@ def import_gpt2(hf_dir, out, tokenizer: str | None = None, say=print) -> Path:
     return out / ckpt.tag_for(0)
 
 
-__all__ = ["export_checkpoint", "fold_model", "import_gpt2", "is_gpt2", "load_full", "reference_model"]
+__all__ = ["export_checkpoint", "fold_model", "hf_model", "import_gpt2", "is_gpt2", "load_full", "reference_model"]

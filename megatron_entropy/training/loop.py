@@ -20,6 +20,7 @@ from megatron_entropy.data.blend import BlendedDataset
 from megatron_entropy.data.dataset import GlobalBatchSampler, TokenChunkDataset, collate, slice_for_rank
 from megatron_entropy.data.indexed import IndexedTokens
 from megatron_entropy.data.tokenizer import load_tokenizer
+from megatron_entropy.downstream.periodic import PeriodicHarness
 from megatron_entropy.model.entropy import entropy_bins
 from megatron_entropy.model.gpt import GPTModel
 from megatron_entropy.parallel.random import seed_all
@@ -184,6 +185,7 @@ def run(cfg: Config, ds_config_path: str | None, info: DistInfo) -> dict:
     cfg.validate(info.world_size)
     ds_config = build_ds_config(cfg, load_ds_config(ds_config_path), info.world_size,
                                 source=ds_config_path or "the DeepSpeed config")
+    harness = PeriodicHarness(cfg, data.tokenizer_path, zero_stage(ds_config), info.rank, say)  # lm-eval tasks
     run_dir = Path(broadcast_str(cfg.logging.run_dir or default_run_dir(cfg), state))
     cfg.logging.run_dir = str(run_dir)
 
@@ -257,6 +259,7 @@ def run(cfg: Config, ds_config_path: str | None, info: DistInfo) -> dict:
             last_val = evaluate(engine, model, data.valid, cfg, state, info.device)
             logger.log({"kind": "eval", "step": step, "val_loss": last_val, "val_ppl": math.exp(last_val)})
             logger.console(f"step {step}: validation loss {last_val:.4f}, perplexity {math.exp(last_val):.2f}")
+        harness.after_step(step, model, logger)  # downstream evaluation when due (rank 0)
         if save_dir and cfg.train.save_interval and step % cfg.train.save_interval == 0 and step != cfg.train.max_steps:
             checkpoint.save(engine, save_dir, step, sampler, cfg, data, state, say)
         if guard.should_stop(step):  # a stop signal or the time budget, agreed by every rank
