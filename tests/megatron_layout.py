@@ -56,11 +56,18 @@ def write_megatron(prefix: str, documents: list[list[int]], code: int = 8) -> No
         f.write(np.arange(len(documents) + 1, dtype=np.int64).tobytes())
 
 
-def short_documents(count: int, vocab: int, eos_id: int, seed: int = 0, low: int = 3, high: int = 40):
-    """Random documents of low..high-1 tokens, each ending in eos_id (Megatron's --append-eod)."""
+def short_documents(count: int, vocab: int, eos_id: int, seed: int = 0, low: int = 3, high: int = 40,
+                    source=None):
+    """Documents of low..high-1 tokens, each ending in eos_id (Megatron's --append-eod): random
+    ids, or consecutive pieces of the token array `source` (real text, so a model can learn it)."""
     rng = np.random.default_rng(seed)
-    docs = []
+    docs, position = [], 0
     for _ in range(count):
-        body = rng.integers(0, vocab, rng.integers(low - 1, high - 1)).tolist()
+        n = int(rng.integers(low - 1, high - 1))
+        if source is None:
+            body = rng.integers(0, vocab, n).tolist()
+        else:
+            body = [int(t) for t in source[position:position + n]]
+            position += n
         docs.append([t if t != eos_id else eos_id + 1 for t in body] + [eos_id])
     return docs
