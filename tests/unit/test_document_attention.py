@@ -4,7 +4,11 @@ context, entropy, logits and gradients, in fp32 -- with positions and temperatur
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -161,3 +165,38 @@ def test_attention_core_passes_documents_to_whichever_core_runs():
         context, _ = attention_core(name, *inputs, need_entropy=need_entropy,
                                     temperature_grad=temperature_grad, doc_start=doc_start)
         assert relative_error(context, want) < 2e-5, name
+
+
+TRITON_SCRIPT = """
+import torch
+import megatron_entropy.model.fused_attention as fa
+from megatron_entropy.model.attention import attention_core
+from tests.unit.test_document_attention import LENGTHS, doc_start_of, eager, random_inputs, relative_error, run_core
+
+fa._triton_eligible = lambda q: True  # stand-in for "a CUDA tensor": the Triton path on CPU tensors
+fa._TRITON_VERDICT.clear()
+
+def triton_core(q, k, v, doc_start=None):
+    return attention_core("fused", q, k, v, need_entropy=True, temperature_grad=True, doc_start=doc_start)
+
+inputs, weights = random_inputs(len(LENGTHS), 2, sum(LENGTHS[0]), 16, seed=3)
+doc_start = doc_start_of(LENGTHS)
+got = run_core(triton_core, inputs, weights, doc_start)
+assert fa._TRITON_VERDICT and all(v is None for v in fa._TRITON_VERDICT.values()), fa._TRITON_VERDICT
+want = run_core(eager, inputs, weights, doc_start)
+errors = {name: relative_error(a, b) for name, a, b in zip(("context", "entropy", "dq", "dk", "dv"), got, want)}
+assert max(errors.values()) < 2e-5, errors
+print("TRITON_DOCUMENTS_THROUGH_ATTENTION_CORE_OK", {k: f"{v:.1e}" for k, v in errors.items()})
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_core_takes_documents_through_attention_core():
+    """attention_core hands doc_start to the Triton kernels (under TRITON_INTERPRET on CPU tensors,
+    a subprocess since it must be set before triton is imported): they agree with eager, fp32."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "TRITON_DOCUMENTS_THROUGH_ATTENTION_CORE_OK" in proc.stdout, proc.stdout + proc.stderr
+    print(proc.stdout.strip())
