@@ -176,7 +176,8 @@ class Batch:
     doc_start: "torch.Tensor | None" = None
 
     def to(self, device) -> "Batch":
-        return Batch(*(None if t is None else t.to(device) for t in dataclasses.astuple(self)))
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Batch(**{name: None if t is None else t.to(device) for name, t in moved.items()})
 
 
 class GlobalBatchSampler:
