@@ -172,3 +172,24 @@ def test_one_document_index_falls_back_to_eos(tmp_path):
     assert shard.doc_offsets.tolist() == [0, 9] and shard.document_offsets().tolist() == [0, 3, 7, 9]
     dataset = TokenChunkDataset(prefix, 8, document_attention="within", tokenizer=TOKENIZER)
     assert dataset.document_starts(0).tolist() == [0, 0, 0, 3, 3, 3, 3, 7, 7]
+
+
+def test_megatron_core_itself_reads_ours_and_writes_the_same_bytes(tmp_path):
+    """Where megatron-core is installed (not a dependency: `pip install --no-deps megatron-core`):
+    its IndexedDataset reads our shards, and its IndexedDatasetBuilder writes the same bytes."""
+    indexed_dataset = pytest.importorskip("megatron.core.datasets.indexed_dataset")
+    docs = [[5, 6, 7], [9] * 10, [1]]
+    for vocab, dtype in ((512, np.uint16), (70_001, np.int32)):
+        ours, theirs = str(tmp_path / f"ours{vocab}"), str(tmp_path / f"theirs{vocab}")
+        write_indexed(ours, docs + [[70_000]] * (vocab > 65_500), vocab, IDENTITY, eos_id=2)
+        dataset = indexed_dataset.IndexedDataset(ours)  # held: its mmap closes when it is dropped
+        assert [dataset[i].tolist() for i in range(len(dataset))] == [d + [2] for d in docs + [[70_000]] * (vocab > 65_500)]
+        builder = indexed_dataset.IndexedDatasetBuilder(theirs + ".bin", dtype=dtype)
+        for doc in docs + [[70_000]] * (vocab > 65_500):
+            builder.add_document(np.array(doc + [2]), [len(doc) + 1])
+        builder.finalize(theirs + ".idx")
+        for suffix in (".bin", ".idx"):
+            with open(ours + suffix, "rb") as a, open(theirs + suffix, "rb") as b:
+                assert a.read() == b.read(), (vocab, suffix)
+        assert IndexedTokens(theirs, tokenizer=SimpleNamespace(vocab_size=vocab, eos_id=2)).doc_offsets.tolist() == \
+            IndexedTokens(ours).doc_offsets.tolist()
