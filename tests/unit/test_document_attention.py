@@ -200,3 +200,28 @@ def test_triton_core_takes_documents_through_attention_core():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "TRITON_DOCUMENTS_THROUGH_ATTENTION_CORE_OK" in proc.stdout, proc.stdout + proc.stderr
     print(proc.stdout.strip())
+
+
+def test_activation_checkpointing_with_documents_is_bit_identical():
+    from megatron_entropy.training.pipeline import set_activation_checkpointing
+
+    T = sum(LENGTHS[0])
+    tokens = torch.randint(0, 64, (len(LENGTHS), T + 1), generator=torch.Generator().manual_seed(2))
+    results = []
+    for checkpointing in (False, True):
+        gpt = model("eager", seq_length=T).train()
+        set_activation_checkpointing(gpt, checkpointing)
+        loss = gpt(tokens[:, :-1], tokens[:, 1:], doc_start=doc_start_of(LENGTHS))
+        loss.backward()
+        results.append((float(loss), [p.grad.clone() for p in gpt.parameters()]))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+def test_bad_document_options_are_one_line_config_errors():
+    from megatron_entropy.config import ConfigError
+
+    for key, value, message in (("document_attention", "inside", "must be cross or within"),
+                                ("packing", "docs", "must be stream or per_document")):
+        with pytest.raises(ConfigError, match=message):
+            build_config("tiny", [f"--data.{key}", value]).validate()
