@@ -365,16 +365,39 @@ class IndexedTokens:
 
 
 def convert_legacy(prefix: str) -> dict:
-    """Rewrite the legacy shard at `prefix` (.idx.npy) in place as .bin + .idx + sidecar."""
+    """Rewrite the legacy shard at `prefix` (.idx.npy) in place as .bin + .idx + sidecar.
+
+    The .bin stays as it is: its uint16 ids are Megatron's uint16, and uint32 ids (all below
+    vocab_size < 2^31, checked) have the same bytes as int32. Only the index and the sidecar are
+    written (temp files, renamed .idx first, .json second, then the .idx.npy removed); an
+    interrupted conversion is simply run again.
+    """
+    prefix = normalize_prefix(prefix)
+    legacy_idx = prefix + ".idx.npy"
+    if not os.path.isfile(legacy_idx):
+        raise DataError(f"{prefix} has no legacy index {legacy_idx}; nothing to convert")
+    if os.path.exists(prefix + ".idx"):  # left by an interrupted conversion: the legacy files rule
+        os.remove(prefix + ".idx")
     shard = IndexedTokens(prefix)
-    if shard.format != "legacy":
-        raise DataError(f"{shard.prefix} is already a Megatron .bin/.idx shard; nothing to convert")
-    meta = shard.meta
-    tokens = np.asarray(shard.tokens)  # read fully: the new .bin replaces the mapped file
-    del shard
-    with ShardWriter(prefix, meta["vocab_size"], meta["tokenizer_identity"], eos_id=None) as writer:
-        offsets = np.load(normalize_prefix(prefix) + ".idx.npy", allow_pickle=False)
-        for start, stop in zip(offsets[:-1], offsets[1:]):
-            writer.add(tokens[start:stop])
-        writer.eos_id = meta.get("eos_id")  # documents already end in it; recorded in the sidecar
-        return writer.commit()
+    dtype = np.dtype(np.uint16 if shard.tokens.dtype == np.uint16 else np.int32)
+    meta = dict(shard.meta, format_version=FORMAT_VERSION, dtype=dtype.name)
+    lengths = np.diff(shard.doc_offsets)
+    if shard.num_docs and lengths.max() >= 2**31:
+        raise DataError(f"{prefix} holds a document of {int(lengths.max())} tokens, more than a Megatron "
+                        "index can hold (int32 lengths); re-run tools/preprocess_data.py on its text")
+    idx_path, json_path = prefix + ".idx", prefix + ".json"
+    tmp_idx, tmp_json = f"{idx_path}.{os.getpid()}.tmp", f"{json_path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp_idx, "wb") as f:
+            f.write(index_bytes(dtype, lengths, np.arange(shard.num_docs + 1)))
+        with open(tmp_json, "w") as f:
+            json.dump(meta, f, indent=1)
+            f.write("\n")
+        os.replace(tmp_idx, idx_path)
+        os.replace(tmp_json, json_path)
+    finally:
+        for tmp in (tmp_idx, tmp_json):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    os.remove(legacy_idx)
+    return meta

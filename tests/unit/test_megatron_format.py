@@ -97,14 +97,14 @@ def test_documents_of_several_sequences_and_broken_indexes(tmp_path):
         IndexedTokens(prefix, tokenizer=TOKENIZER)
 
 
-def write_legacy(prefix: str, docs, vocab=512, eos_id=2):
+def write_legacy(prefix: str, docs, vocab=512, eos_id=2, dtype="uint16"):
     """A shard of the first format: .bin + .idx.npy offsets + .json (format_version 1)."""
-    tokens = np.concatenate([np.asarray(d + [eos_id], dtype=np.uint16) for d in docs])
+    tokens = np.concatenate([np.asarray(d + [eos_id], dtype=dtype) for d in docs])
     tokens.tofile(prefix + ".bin")
     offsets = np.concatenate([[0], np.cumsum([len(d) + 1 for d in docs])]).astype(np.int64)
     np.save(prefix + ".idx.npy", offsets, allow_pickle=False)
     with open(prefix + ".json", "w") as f:
-        json.dump({"format_version": 1, "dtype": "uint16", "vocab_size": vocab, "tokenizer_identity": IDENTITY,
+        json.dump({"format_version": 1, "dtype": dtype, "vocab_size": vocab, "tokenizer_identity": IDENTITY,
                    "eos_id": eos_id, "num_tokens": int(tokens.size), "num_docs": len(docs),
                    "max_token_id": int(tokens.max())}, f)
     return tokens
@@ -128,6 +128,13 @@ def test_legacy_shards_load_and_convert_in_place(tmp_path, capsys):
 
     assert load_tool("preprocess_data").main(["--convert-legacy", prefix]) == 2  # already converted
     assert capsys.readouterr().err.startswith("error: ") and sorted(os.listdir(tmp_path)) == ["old.bin", "old.idx", "old.json"]
+
+    wide = str(tmp_path / "wide")  # uint32 ids: the same bytes as Megatron's int32, .bin kept as is
+    tokens = write_legacy(wide, [[70_000, 5], [6]], vocab=70_001, dtype="uint32")
+    before = open(wide + ".bin", "rb").read()
+    assert load_tool("preprocess_data").main(["--convert-legacy", wide]) == 0
+    assert read_megatron(wide)["code"] == 4 and read_megatron(wide)["tokens"].tolist() == tokens.tolist()
+    assert open(wide + ".bin", "rb").read() == before and IndexedTokens(wide).meta["dtype"] == "int32"
 
 
 def test_megatron_data_path_form():
