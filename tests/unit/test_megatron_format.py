@@ -169,6 +169,8 @@ def test_per_document_packing_document_starts_and_eod_loss_mask(tmp_path):
     # no loss on the label that begins a document (its input is the previous document's EOS)
     assert batch.loss_mask.tolist() == [[0, 1, 1, 0], [1, 1, 1, 1]]
     assert batch.tokens[0].tolist() == [2, 11, 11, 2] and batch.labels[0].tolist() == [11, 11, 2, 12]
+    moved = batch.to("cpu")
+    assert all(getattr(moved, f).equal(getattr(batch, f)) for f in ("tokens", "labels", "loss_mask", "doc_start"))
 
 
 def test_one_document_index_falls_back_to_eos(tmp_path):
