@@ -92,6 +92,11 @@ class DataConfig:
     corpus_max_bytes: int = 4_000_000  # how much of the embedded corpus to use
     cache_dir: str | None = None  # None: $XDG_CACHE_HOME/megatron_entropy
     seed: int = 1234  # data order
+    # Document-aware samples (docs/data.md): cross | within (attention masked at document
+    # boundaries, positions restarted, as Megatron's --reset-attention-mask --reset-position-ids)
+    document_attention: str = "cross"
+    packing: str = "stream"  # stream (one token stream) | per_document (each document alone, remainder dropped)
+    eod_mask_loss: bool = False  # no loss on the label that begins the next document (Megatron's --eod-mask-loss)
 
 
 @dataclass
@@ -235,6 +240,9 @@ class Config:
                "prefixes; give one weight per prefix (or none to concatenate them)")
         _check(all(w >= 0 for w in d.train_weights) and (not d.train_weights or sum(d.train_weights) > 0),
                "data.train_weights must be >= 0 with a positive sum")
+        _check(d.document_attention in ("cross", "within"),
+               f"data.document_attention={d.document_attention!r} must be cross or within")
+        _check(d.packing in ("stream", "per_document"), f"data.packing={d.packing!r} must be stream or per_document")
         _check(lg.wandb in ("auto", "online", "offline", "off"), f"logging.wandb={lg.wandb!r} must be auto, online, offline or off")
         return self
 

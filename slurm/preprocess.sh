@@ -18,7 +18,7 @@
 #   TOKENIZER      SentencePiece .model file or tokenizer directory                     [tok/tokenizer.model]
 #   VOCAB_SIZE     if TOKENIZER does not exist: train a SentencePiece tokenizer of this size on INPUT first
 #                  (tools/train_tokenizer.py reads INPUT as plain text: use .txt/.py sources for it)
-#   OUTPUT_PREFIX  writes PREFIX.bin, PREFIX.idx.npy, PREFIX.json                       [data/train]
+#   OUTPUT_PREFIX  writes PREFIX.bin, PREFIX.idx, PREFIX.json (Megatron format + sidecar) [data/train]
 #   WORKERS        tokenizer processes                                                  [$SLURM_CPUS_PER_TASK]
 #   EXTRA          more tools/preprocess_data.py arguments (e.g. --overwrite --txt-mode line)
 #   VENV / PYTHON / REPO as in pretrain_1b.sh

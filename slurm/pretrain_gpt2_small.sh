@@ -8,7 +8,7 @@
 #     VARIANT=$v sbatch --job-name "gpt2s-${v//[^A-Za-z0-9]/-}" slurm/pretrain_gpt2_small.sh; done
 #
 # Data: token shards made by slurm/preprocess.sh (docs/data.md), by default
-#   data/codeparrot_train(.bin/.idx.npy/.json), data/codeparrot_valid, tokenizer tok/tokenizer.model.
+#   data/codeparrot_train(.bin/.idx/.json), data/codeparrot_valid, tokenizer tok/tokenizer.model.
 #
 # Environment: everything slurm/pretrain_1b.sh reads (CONFIG, OVERRIDES, DS_CONFIG, TRAIN_DATA,
 # TRAIN_WEIGHTS, VALID_DATA, TOKENIZER, RUN_ROOT, RUN_DIR, VENV, PYTHON, REPO, DEVICE, MASTER_PORT,

@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad(), tqdm(total=n, unit="sample", file=sys.stderr, disable=args.no_progress,
                                desc="eval_ppl") as bar:
         for start in range(0, n, args.batch_size):
-            inputs, labels = collate(dataset, range(start, min(n, start + args.batch_size)))
+            batch = collate(dataset, range(start, min(n, start + args.batch_size)))
+            inputs, labels = batch.tokens, batch.labels
             logits = logits_of(inputs).float()
             nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                          reduction="sum").double())

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Tokenize text into one memory-mapped token shard (see docs/data.md).
+"""Tokenize text into one memory-mapped token shard in Megatron's .bin/.idx format (see docs/data.md).
 
   python tools/preprocess_data.py --input 'corpus/*.jsonl' --tokenizer tok/ \\
       --output-prefix data/corpus_train --workers 8
+  python tools/preprocess_data.py --convert-legacy data/old_shard   # .idx.npy -> .idx, in place
 
 Inputs: .txt (a whole file is one document, or one per line with --txt-mode line), .jsonl (one
 JSON object per line, text under --json-key), .parquet (column --json-key), or a Hugging Face
@@ -27,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_entropy.data import DataError, load_tokenizer  # noqa: E402
 from megatron_entropy.data.corpus import expand_paths  # noqa: E402
-from megatron_entropy.data.indexed import ShardWriter, shard_exists, token_dtype  # noqa: E402
+from megatron_entropy.data.indexed import ShardWriter, convert_legacy, shard_exists, token_dtype  # noqa: E402
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 BATCH_BYTES = 1 << 20  # text per worker task: big enough to amortise the inter-process copy
@@ -42,16 +43,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="local .txt/.jsonl/.parquet files, directories or globs")
     source.add_argument("--hf-dataset", metavar="NAME",
                         help="Hugging Face dataset name or local dataset directory")
+    source.add_argument("--convert-legacy", metavar="PREFIX",
+                        help="rewrite a shard of the old format (PREFIX.idx.npy) as PREFIX.bin/.idx/.json")
     parser.add_argument("--hf-config", default=None, help="dataset configuration name")
     parser.add_argument("--split", default="train", help="dataset split (default: train)")
     parser.add_argument("--json-key", default="text",
                         help="text field of .jsonl/.parquet/HF records (default: text)")
     parser.add_argument("--txt-mode", choices=("file", "line"), default="file",
                         help="a .txt file is one document (file) or one per non-empty line (line)")
-    parser.add_argument("--tokenizer", required=True,
-                        help="SentencePiece .model file or tokenizer directory")
-    parser.add_argument("--output-prefix", required=True,
-                        help="writes PREFIX.bin, PREFIX.idx.npy and PREFIX.json")
+    parser.add_argument("--tokenizer",
+                        help="SentencePiece .model file or tokenizer directory (required to tokenize)")
+    parser.add_argument("--output-prefix",
+                        help="writes PREFIX.bin, PREFIX.idx (Megatron) and PREFIX.json (our sidecar)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="tokenizer processes (default: min(8, CPUs))")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing shard")
@@ -187,7 +190,20 @@ def ordered_map(pool, function, tasks, max_in_flight: int):
         yield pending.popleft().get()
 
 
+def convert(prefix: str) -> str:
+    started = time.perf_counter()
+    meta = convert_legacy(prefix)
+    return (f"converted {prefix} to .bin/.idx/.json: {meta['num_docs']:,} docs, "
+            f"{meta['num_tokens']:,} tokens in {time.perf_counter() - started:.1f}s")
+
+
 def preprocess(args) -> str:
+    if args.convert_legacy:
+        return convert(args.convert_legacy)
+    missing = [flag for flag, value in (("--tokenizer", args.tokenizer),
+                                        ("--output-prefix", args.output_prefix)) if not value]
+    if missing:
+        raise DataError(f"{' and '.join(missing)} required to tokenize text; pass them")
     if args.workers < 1:
         raise DataError(f"--workers must be >= 1, got {args.workers}")
     paths = [] if args.hf_dataset else expand_paths(args.input, SUFFIXES)

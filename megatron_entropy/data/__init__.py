@@ -14,6 +14,7 @@ class DataError(ValueError):
 from megatron_entropy.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece  # noqa: E402
 from megatron_entropy.data.indexed import IndexedTokens, write_indexed  # noqa: E402
 from megatron_entropy.data.dataset import (  # noqa: E402
+    Batch,
     GlobalBatchSampler,
     TokenChunkDataset,
     collate,
@@ -29,6 +30,7 @@ __all__ = [
     "IndexedTokens",
     "write_indexed",
     "TokenChunkDataset",
+    "Batch",
     "GlobalBatchSampler",
     "slice_for_rank",
     "collate",

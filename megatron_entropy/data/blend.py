@@ -69,6 +69,8 @@ class BlendedDataset:
         self.seq_length = getattr(first, "seq_length", None)
         self.vocab_size = getattr(first, "vocab_size", None)
         self.tokenizer_identity = getattr(first, "tokenizer_identity", None)
+        self.document_attention = getattr(first, "document_attention", "cross")
+        self.eod_mask_loss = getattr(first, "eod_mask_loss", False)
         self.sizes = [len(d) for d in self.datasets]
         self.source, self.sample = blend_index(self.sizes, self.weights, seed)
         self.counts = np.bincount(self.source, minlength=len(self.datasets))
@@ -82,11 +84,39 @@ class BlendedDataset:
             raise IndexError(f"sample {i} out of range [0, {len(self)})")
         return self.datasets[int(self.source[i])][int(self.sample[i])]
 
+    def document_starts(self, i: int) -> np.ndarray:
+        return self.datasets[int(self.source[i])].document_starts(int(self.sample[i]))
+
     def describe(self) -> str:
         total = sum(self.weights)
         parts = [f"{name} w={w / total:.3f}: {int(n):,} of {size:,} samples ({n / max(size, 1):.2f}x)"
                  for name, w, n, size in zip(self.names, self.weights, self.counts, self.sizes)]
         return f"blend of {len(self.datasets)} sources, {len(self):,} samples per epoch: " + "; ".join(parts)
+
+
+def parse_data_path(items: list[str], weights: list[float] | None = None,
+                    key: str = "data.train_data") -> tuple[list[str], list[float]]:
+    """(prefixes, weights) from our form (prefixes + separate weights) or Megatron's --data-path
+    form, "0.7 data/code 0.3 data/web" (one string or a list of words): weight, prefix pairs.
+    A list of prefixes without weights stays a concatenation."""
+    words = [word for item in items for word in str(item).split()]
+    if not words or _number(words[0]) is None:
+        return words, list(weights or [])
+    if weights:
+        raise DataError(f"{key} holds Megatron-style weights and data.train_weights is set too; "
+                        "give the weights in one place")
+    pairs = list(zip(words[0::2], words[1::2]))
+    if len(words) % 2 or any(_number(w) is None or _number(p) is not None for w, p in pairs):
+        raise DataError(f"{key}={' '.join(words)!r} is not 'WEIGHT PREFIX WEIGHT PREFIX ...'; give "
+                        "a weight before every prefix, or prefixes only")
+    return [p for _, p in pairs], [_number(w) for w, _ in pairs]
+
+
+def _number(word: str) -> float | None:
+    try:
+        return float(word)
+    except ValueError:
+        return None
 
 
 def _name(dataset, k: int) -> str:

@@ -24,7 +24,7 @@ import time
 from megatron_entropy.data import DataError
 
 # Bump when anything changes what a cache entry holds (corpus rules, tokenizer settings, format).
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: shards in Megatron's .bin/.idx format
 VALID_FRACTION = 0.02
 MIN_VALID_FILES = 3
 VALID_BUDGET_DIVISOR = 20  # the valid split gets max_bytes // 20

@@ -13,6 +13,12 @@ gradient (e.g. variants without SM(t), evaluation). Both our cores return the gr
 softmax(s - row max) so that the temperature's gradient stays exact at small t (select_core).
 Under tensor parallelism each rank owns H / tp heads: their Q/K/V columns, their temperature rows
 and their thresholds theta; its penalty covers only those heads.
+
+Document attention (data.document_attention=within): doc_start [b, T] gives each query row i the
+first key of its document, so row i attends keys doc_start[b, i] <= j <= i only, its entropy
+covers only its document, and its temperature row is its position inside the document,
+i - doc_start[b, i]. Every core honours it: eager and SDPA through a boolean [b, 1, T, T] mask,
+the fused cores by skipping key blocks outside the document (no T x T mask).
 """
 
 from __future__ import annotations
@@ -36,14 +42,25 @@ MIN_TEMPERATURE = 1e-4  # the raw temperature is clamped here in the forward (am
 FUSED_AUTO_MIN_SEQ = 128
 
 
-def eager_core(q, k, v, causal: bool = True, need_entropy: bool = True):
+def allowed_keys(T: int, doc_start=None, device=None) -> torch.Tensor:
+    """Boolean mask of the keys each query may see: [T, T] causal, or with doc_start [b, 1, T, T]
+    causal within the query's document (doc_start[b, i] <= j <= i)."""
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    if doc_start is None:
+        return causal
+    keys = torch.arange(T, device=device)
+    return (causal & (keys[None, None, :] >= doc_start[:, :, None].to(device)))[:, None]
+
+
+def eager_core(q, k, v, causal: bool = True, need_entropy: bool = True, doc_start=None):
     """Reference core. q already carries every logit scale. Returns (context, entropy | None).
-    Computes in fp32 from the materialised T x T probabilities (the entropy only when asked)."""
+    Computes in fp32 from the materialised T x T probabilities (the entropy only when asked).
+    doc_start [b, T]: document attention (module doc)."""
     q, k = q.float(), k.float()
     scores = q @ k.transpose(-1, -2)
+    causal = causal or doc_start is not None
     if causal:
-        T = scores.shape[-1]
-        allowed = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()
+        allowed = allowed_keys(scores.shape[-1], doc_start, scores.device)
         scores = scores.masked_fill(~allowed, float("-inf"))
     scores = scores - _row_mean_score(scores)
     log_probs = torch.log_softmax(scores, dim=-1)
@@ -60,11 +77,15 @@ def eager_core(q, k, v, causal: bool = True, need_entropy: bool = True):
     return context, entropy
 
 
-def sdpa_core(q, k, v, causal: bool = True):
+def sdpa_core(q, k, v, causal: bool = True, doc_start=None):
     """PyTorch's fused attention (flash / memory-efficient kernels): context only. Its backward
     forms D = rowsum(dO * O) as FlashAttention does, without our row-max re-centring, so the
     gradient of a learnable temperature is ~6e-4 off at t = 1e-2 and ~3e-2 at t = 1e-3 (fp32,
-    docs/fused_attention.md): used only where no temperature gradient flows, or when asked."""
+    docs/fused_attention.md): used only where no temperature gradient flows, or when asked.
+    doc_start: a boolean document mask (PyTorch picks a kernel that takes one)."""
+    if doc_start is not None:
+        mask = allowed_keys(q.shape[-2], doc_start, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0), None
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0), None
 
 
@@ -80,6 +101,11 @@ def _row_mean_score(scores):
     with torch.no_grad():
         p = torch.softmax(scores, dim=-1)
     return (p * scores.nan_to_num(neginf=0.0)).sum(-1, keepdim=True)
+
+
+def document_positions(doc_start: torch.Tensor) -> torch.Tensor:
+    """[b, T] position of each token inside its document: i - doc_start[b, i]."""
+    return torch.arange(doc_start.shape[-1], device=doc_start.device) - doc_start
 
 
 _warned: set[str] = set()
@@ -119,15 +145,16 @@ def select_core(name: str, q, need_entropy: bool, temperature_grad: bool = False
     return "fused" if _fused_core() is not None else "eager"
 
 
-def attention_core(name: str, q, k, v, need_entropy: bool, temperature_grad: bool = False):
-    """Dispatch to the configured core (select_core). Returns (context, entropy | None)."""
+def attention_core(name: str, q, k, v, need_entropy: bool, temperature_grad: bool = False, doc_start=None):
+    """Dispatch to the configured core (select_core). Returns (context, entropy | None).
+    doc_start [b, T] (or None): document attention, honoured by whichever core runs."""
     core = select_core(name, q, need_entropy, temperature_grad)
     if core == "sdpa":
-        return sdpa_core(q, k, v, causal=True)
+        return sdpa_core(q, k, v, causal=True, doc_start=doc_start)
     if core == "fused":
-        context, entropy = _fused_core()(q, k, v, causal=True)
+        context, entropy = _fused_core()(q, k, v, causal=True, doc_start=doc_start)
         return context, entropy if need_entropy else None
-    return eager_core(q, k, v, causal=True, need_entropy=need_entropy)
+    return eager_core(q, k, v, causal=True, need_entropy=need_entropy, doc_start=doc_start)
 
 
 class ParallelSelfAttention(nn.Module):
@@ -181,16 +208,20 @@ class ParallelSelfAttention(nn.Module):
             return self.temperature.clamp_min(MIN_TEMPERATURE)
         return None
 
-    def row_scale(self, T: int) -> torch.Tensor:
-        """[heads_local, T] factor multiplying each query row's logits: 1 / (t * sqrt(d_k))."""
+    def row_scale(self, T: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Factor multiplying each query row's logits, 1 / (t * sqrt(d_k)): [heads_local, T], or
+        [b, heads_local, T] for positions [b, T] (rows restarted per document, t[:, positions])."""
         base = 1.0 / math.sqrt(self.head_dim)
         t = self.effective_temperature()
         if t is None:
             return torch.full((self.heads_local, T), base)
-        return base / t[:, :T]
+        if positions is None:
+            return base / t[:, :T]
+        return base / t[:, positions.to(t.device)].transpose(0, 1)
 
-    def forward(self, x: torch.Tensor, stats=None):
-        """x [b, T, d] (replicated) -> (output [b, T, d], lambda-weighted penalty or None)."""
+    def forward(self, x: torch.Tensor, stats=None, doc_start: torch.Tensor | None = None):
+        """x [b, T, d] (replicated) -> (output [b, T, d], lambda-weighted penalty or None).
+        doc_start [b, T]: document attention (module doc)."""
         b, T, _ = x.shape
         x = copy_to_tp_region(x, self.state.tp_group)
 
@@ -198,14 +229,17 @@ class ParallelSelfAttention(nn.Module):
             return t.view(b, T, self.heads_local, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-        scale = self.row_scale(T).to(device=q.device)
-        q = q * scale.to(q.dtype)[None, :, :, None]
+        if doc_start is None:
+            scale = self.row_scale(T).to(device=q.device)[None]
+        else:
+            scale = self.row_scale(T, document_positions(doc_start)).to(device=q.device)
+        q = q * scale.to(q.dtype)[..., None]
         want_penalty = self.theta is not None and self.training
         want_stats = stats is not None and stats.active
         temperature = self.log_temperature if self.log_temperature is not None else self.temperature
         temperature_grad = temperature is not None and temperature.requires_grad and torch.is_grad_enabled()
         context, entropy = attention_core(self.core, q, k, v, need_entropy=want_penalty or want_stats,
-                                          temperature_grad=temperature_grad)
+                                          temperature_grad=temperature_grad, doc_start=doc_start)
         out = self.o(context.transpose(1, 2).reshape(b, T, self.heads_local * self.head_dim))
 
         penalty = None

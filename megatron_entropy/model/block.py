@@ -41,13 +41,14 @@ class DecoderLayer(nn.Module):
         # input and recompute the rest in the backward (parallel/recompute.py).
         self.checkpoint_activations = False
 
-    def forward(self, x):
+    def forward(self, x, doc_start=None):
+        """doc_start [b, T] or None: document attention (model/attention.py)."""
         if self.checkpoint_activations and self.training and torch.is_grad_enabled():
-            return checkpoint(self, self._forward, x)
-        return self._forward(x)
+            return checkpoint(self, self._forward, x, doc_start)
+        return self._forward(x, doc_start)
 
-    def _forward(self, x):
-        attn_out, penalty = self.attention(self.norm1(x), self._stats)
+    def _forward(self, x, doc_start=None):
+        attn_out, penalty = self.attention(self.norm1(x), self._stats, doc_start)
         x = x + attn_out
         x = self.ffn.residual(x, self.ffn(self.norm2(x)))
         if penalty is not None:

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron_entropy.model.attention import document_positions
 from megatron_entropy.model.block import DecoderLayer, make_norm
 from megatron_entropy.model.entropy import AuxLossScale, EntropyStats
 from megatron_entropy.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -38,9 +39,12 @@ class Embedding(nn.Module):
         self.positions.partition_dim = None
         self.dropout = nn.Dropout(cfg.embedding_dropout)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
+        """doc_start [b, T]: positions restart at every document (Megatron's --reset-position-ids)."""
         T = input_ids.shape[1]
-        return self.dropout(self.tokens(input_ids) + self.positions[:T])
+        if doc_start is None:
+            return self.dropout(self.tokens(input_ids) + self.positions[:T])
+        return self.dropout(self.tokens(input_ids) + self.positions[document_positions(doc_start)])
 
 
 def tied_projection(hidden: torch.Tensor, weight: torch.Tensor, tp_group) -> torch.Tensor:
@@ -48,11 +52,16 @@ def tied_projection(hidden: torch.Tensor, weight: torch.Tensor, tp_group) -> tor
     return F.linear(copy_to_tp_region(hidden, tp_group), weight)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, true_vocab: int, tp_group) -> torch.Tensor:
-    """Mean vocab-parallel cross entropy over all tokens of a logits shard (padding masked)."""
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, true_vocab: int, tp_group,
+            loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean vocab-parallel cross entropy over the tokens of a logits shard (padding masked), or over
+    those loss_mask [b, T] keeps (data.eod_mask_loss), as Megatron: sum(loss * mask) / sum(mask)."""
     per_token = vocab_parallel_cross_entropy(logits, labels, vocab_start=vocab_start, true_vocab_size=true_vocab,
                                              group=tp_group)
-    return per_token.mean()
+    if loss_mask is None:
+        return per_token.mean()
+    loss_mask = loss_mask.to(per_token.dtype)
+    return (per_token * loss_mask).sum() / loss_mask.sum().clamp_min(1.0)
 
 
 class LMHead(nn.Module):
@@ -84,9 +93,9 @@ class LMHead(nn.Module):
             return self.output(hidden)
         return tied_projection(hidden, self.tied.tokens.weight, self.state.tp_group)
 
-    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross entropy over all tokens of the micro-batch."""
-        return lm_loss(self.logits(hidden), labels, self.vocab_start, self.true_vocab, self.state.tp_group)
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross entropy over the (unmasked) tokens of the micro-batch."""
+        return lm_loss(self.logits(hidden), labels, self.vocab_start, self.true_vocab, self.state.tp_group, loss_mask)
 
     def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Gathered logits over the true vocabulary (evaluation and export; not for training)."""
@@ -112,18 +121,21 @@ class GPTModel(nn.Module):
     def padded_vocab(self) -> int:
         return self.embedding.padded_vocab
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embedding(input_ids)
+    def hidden_states(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embedding(input_ids, doc_start)
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, doc_start)
         return x
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean LM loss if labels are given, else gathered logits [b, T, vocab]."""
-        hidden = self.hidden_states(input_ids)
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                doc_start: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean LM loss if labels are given, else gathered logits [b, T, vocab].
+        doc_start [b, T]: document attention and positions (data.document_attention=within);
+        loss_mask [b, T]: labels that count (data.eod_mask_loss)."""
+        hidden = self.hidden_states(input_ids, doc_start)
         if labels is None:
             return self.head.full_logits(hidden)
-        return self.head.loss(hidden, labels)
+        return self.head.loss(hidden, labels, loss_mask)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -16,7 +16,7 @@ from megatron_entropy.analysis.alarms import EntropyAlarms, wandb_alert
 from megatron_entropy.config import Config, ConfigError, default_cache_dir
 from megatron_entropy.data import DataError
 from megatron_entropy.data.corpus import prepare_default_data
-from megatron_entropy.data.blend import BlendedDataset
+from megatron_entropy.data.blend import BlendedDataset, parse_data_path
 from megatron_entropy.data.dataset import GlobalBatchSampler, TokenChunkDataset, collate, slice_for_rank
 from megatron_entropy.data.indexed import IndexedTokens
 from megatron_entropy.data.tokenizer import load_tokenizer
@@ -41,25 +41,31 @@ class RunData:
         d, m = cfg.data, cfg.model
         tokenizer = None
         if d.train_data:
-            train_prefixes, valid_prefixes = d.train_data, d.valid_data
+            # ours (prefixes + data.train_weights) or Megatron's "0.7 data/code 0.3 data/web"
+            train_prefixes, weights = parse_data_path(d.train_data, d.train_weights)
+            valid_prefixes, valid_weights = parse_data_path(d.valid_data, key="data.valid_data")
+            if valid_weights:
+                raise ConfigError("data.valid_data takes prefixes only (it is not blended); drop its weights")
             tokenizer = load_tokenizer(d.tokenizer) if d.tokenizer else None
         else:
             default = prepare_default_data(d.cache_dir or default_cache_dir(), d.tokenizer_vocab_size,
                                            d.corpus_max_bytes, log=log)
             tokenizer = load_tokenizer(default.tokenizer_path)
-            train_prefixes, valid_prefixes = [default.train_prefix], [default.valid_prefix]
+            train_prefixes, valid_prefixes, weights = [default.train_prefix], [default.valid_prefix], []
         self.tokenizer_path = tokenizer.path if tokenizer else None
         self.tokenizer_identity = tokenizer.identity if tokenizer else None
-        vocab = tokenizer.vocab_size if tokenizer else IndexedTokens(train_prefixes[0], check_tokens=False).meta["vocab_size"]
+        vocab = tokenizer.vocab_size if tokenizer else IndexedTokens(train_prefixes[0], check_tokens=False).vocab_size
         if m.vocab_size is None:
             m.vocab_size = vocab
         elif m.vocab_size < vocab:
             raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab}; unset it")
+        # the tokenizer stands in for the sidecar of foreign (Megatron-made) shards
         kwargs = dict(expected_vocab_size=vocab, expected_tokenizer_identity=self.tokenizer_identity,
-                      check_tokens=check_tokens)
-        if d.train_weights:  # a weighted blend, one dataset per prefix (data/blend.py)
+                      check_tokens=check_tokens, packing=d.packing, document_attention=d.document_attention,
+                      eod_mask_loss=d.eod_mask_loss, tokenizer=tokenizer)
+        if weights:  # a weighted blend, one dataset per prefix (data/blend.py)
             self.train = BlendedDataset([TokenChunkDataset(p, m.seq_length, **kwargs) for p in train_prefixes],
-                                        d.train_weights, seed=d.seed, names=list(train_prefixes))
+                                        weights, seed=d.seed, names=list(train_prefixes))
             log(self.train.describe())
         else:
             self.train = TokenChunkDataset(train_prefixes, m.seq_length, **kwargs)
@@ -95,8 +101,7 @@ def train_step(engine, model: GPTModel, dataset, micro_batches, device, guard=No
         return engine.train_batch(pipeline.batches(dataset, micro_batches, collate, device)).detach().float()
     losses = []
     for indices in micro_batches:
-        inputs, labels = collate(dataset, indices)
-        loss = engine(inputs.to(device), labels.to(device))
+        loss = forward_loss(engine, collate(dataset, indices).to(device))
         if guard is not None:  # non-finite check (resilience.py); the update itself is guarded in engine.step
             loss = guard.observe_loss(loss)
         engine.backward(loss)
@@ -104,6 +109,11 @@ def train_step(engine, model: GPTModel, dataset, micro_batches, device, guard=No
         losses.append(loss.detach().float())
     model.stats.micro_batches += len(micro_batches)
     return torch.stack(losses).mean()
+
+
+def forward_loss(engine, batch) -> torch.Tensor:
+    """The model's mean LM loss on one Batch (documents and loss mask as the data asks)."""
+    return engine(batch.tokens, batch.labels, doc_start=batch.doc_start, loss_mask=batch.loss_mask)
 
 
 def dp_mean(value: torch.Tensor, state: ParallelState) -> float:
@@ -132,8 +142,7 @@ def evaluate(engine, model: GPTModel, dataset, cfg: Config, state: ParallelState
     for s in range(steps):
         first = s * per_step + state.dp_rank * mb
         mine = [(first + j) % len(dataset) for j in range(mb)]
-        inputs, labels = collate(dataset, mine)
-        loss = engine(inputs.to(device), labels.to(device))
+        loss = forward_loss(engine, collate(dataset, mine).to(device))
         total += torch.tensor([float(loss) * mb, mb], dtype=torch.float64)
     if dp > 1:
         dist.all_reduce(total, group=state.dp_group)

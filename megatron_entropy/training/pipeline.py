@@ -2,8 +2,8 @@
 
 The layer list is the single-module GPTModel unrolled, with no copy of any model code:
 
-    TiedLayerSpec("embedding", Embedding)           first stage: tokens + positions
-    LayerSpec(DecoderLayer, layer_number=i) x L     each with the model's shared aux_scale / stats
+    TiedLayerSpec("embedding", PipelineEmbedding)   first stage: tokens + positions
+    LayerSpec(PipelineDecoderLayer, layer_number=i) x L  each with the model's shared aux_scale / stats
     LayerSpec(PipelineHead)                         LMHead's final norm (its projection when untied)
     TiedLayerSpec("embedding", forward_fn=...)      last stage: gpt.tied_projection, h @ E_shard^T
     loss_fn = gpt.lm_loss                           vocab-parallel cross entropy, padding masked
@@ -19,6 +19,10 @@ its output (model/entropy.py: AttachAuxLoss), so every stage back-propagates its
 penalties. DeepSpeed scales the gradient the last stage sends upstream by 1/GAS, the same factor
 `aux_scale.value` applies to the penalties. Each stage records the entropy statistics of its own
 layers into the shared EntropyStats; EntropyStats.reduce sums them over all ranks.
+
+With document attention (data.document_attention=within) the stages pass (hidden, doc_start)
+instead of hidden: DeepSpeed sends every tensor of a tuple and gradients only for the floating
+ones. With data.eod_mask_loss the labels are (labels, loss_mask).
 
 Partitioning (parallel.pipeline_partition): "parameters" balances trainable parameter counts
 (DeepSpeed's method; the tied embedding counts on both ends); "uniform" balances the number of
@@ -42,6 +46,27 @@ TIED_KEY = "embedding"
 PARTITION_METHODS = {"parameters": "parameters", "uniform": "type:DecoderLayer"}
 
 
+class PipelineEmbedding(Embedding):
+    """Embedding as the first pipeline layer: input_ids -> hidden, or with document attention
+    (input_ids, doc_start) -> (hidden, doc_start)."""
+
+    def forward(self, inputs):
+        if isinstance(inputs, (tuple, list)):
+            input_ids, doc_start = inputs
+            return super().forward(input_ids, doc_start), doc_start
+        return super().forward(inputs)
+
+
+class PipelineDecoderLayer(DecoderLayer):
+    """DecoderLayer as a pipeline layer: hidden -> hidden, or (hidden, doc_start) -> (hidden, doc_start)."""
+
+    def forward(self, inputs):
+        if isinstance(inputs, (tuple, list)):
+            hidden, doc_start = inputs
+            return super().forward(hidden, doc_start), doc_start
+        return super().forward(inputs)
+
+
 class PipelineHead(LMHead):
     """LMHead as a pipeline layer: forward(hidden) -> this rank's logits shard.
 
@@ -49,7 +74,9 @@ class PipelineHead(LMHead):
     `tied_logits`), so forward applies the final norm only.
     """
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden) -> torch.Tensor:
+        if isinstance(hidden, (tuple, list)):  # (hidden, doc_start): the documents end here
+            hidden = hidden[0]
         if self.output is None:
             return self.final_norm(hidden)
         return self.logits(hidden)
@@ -82,20 +109,21 @@ def build_pipeline_model(cfg, state: ParallelState, seed: int, partition: str = 
         return tied_projection(hidden, embedding.tokens.weight, state.tp_group)
 
     if tied:
-        layers = [TiedLayerSpec(TIED_KEY, Embedding, cfg, state, seed, tied_weight_attr=["tokens.weight"])]
+        layers = [TiedLayerSpec(TIED_KEY, PipelineEmbedding, cfg, state, seed, tied_weight_attr=["tokens.weight"])]
     else:
-        layers = [LayerSpec(Embedding, cfg, state, seed)]
-    layers += [LayerSpec(DecoderLayer, cfg, spec, state, i, seed, aux_scale, stats) for i in range(cfg.num_layers)]
+        layers = [LayerSpec(PipelineEmbedding, cfg, state, seed)]
+    layers += [LayerSpec(PipelineDecoderLayer, cfg, spec, state, i, seed, aux_scale, stats) for i in range(cfg.num_layers)]
     layers.append(LayerSpec(PipelineHead, cfg, spec, state, seed, None, tied_elsewhere=tied))
     if tied:
-        layers.append(TiedLayerSpec(TIED_KEY, Embedding, cfg, state, seed, forward_fn=head_projection,
+        layers.append(TiedLayerSpec(TIED_KEY, PipelineEmbedding, cfg, state, seed, forward_fn=head_projection,
                                     tied_weight_attr=["tokens.weight"]))
 
     padded = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, state.tp_size)
     vocab_start = state.tp_rank * (padded // state.tp_size)
 
-    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = lm_loss(logits, labels, vocab_start, cfg.vocab_size, state.tp_group)
+    def loss_fn(logits: torch.Tensor, labels) -> torch.Tensor:
+        labels, loss_mask = labels if isinstance(labels, (tuple, list)) else (labels, None)
+        loss = lm_loss(logits, labels, vocab_start, cfg.vocab_size, state.tp_group, loss_mask)
         # Each micro-batch's loss before its backward, as the PP = 1 loop sees it (resilience checks).
         return model.loss_hook(loss) if model.loss_hook is not None else loss
 
@@ -179,11 +207,14 @@ def bubble_note(stages: int, micro_batches: int) -> str | None:
 
 
 def batches(dataset, micro_batches, collate, device):
-    """The (inputs, labels) micro-batches DeepSpeed's train_batch / eval_batch pull, lazily."""
+    """The (inputs, labels) micro-batches DeepSpeed's train_batch / eval_batch pull, lazily:
+    inputs = tokens or (tokens, doc_start), labels = labels or (labels, loss_mask)."""
     for indices in micro_batches:
-        inputs, labels = collate(dataset, indices)
-        yield inputs.to(device), labels.to(device)
+        batch = collate(dataset, indices).to(device)
+        inputs = batch.tokens if batch.doc_start is None else (batch.tokens, batch.doc_start)
+        labels = batch.labels if batch.loss_mask is None else (batch.labels, batch.loss_mask)
+        yield inputs, labels
 
 
-__all__ = ["PipelineHead", "build_pipeline_model", "batches", "bubble_note", "check_param_groups_for_zero", "decoder_layers", "mark_parameters_for_grad_norm",
+__all__ = ["PipelineEmbedding", "PipelineDecoderLayer", "PipelineHead", "build_pipeline_model", "batches", "bubble_note", "check_param_groups_for_zero", "decoder_layers", "mark_parameters_for_grad_norm",
            "set_activation_checkpointing"]

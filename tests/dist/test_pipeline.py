@@ -8,6 +8,11 @@ within 1e-5 relative. Settings are chosen so that differences would show: lr 1e-
 init_std 0.1, temperature 0.1 (attention far from uniform), lambda 1e-2 with the reference token
 count of one micro-batch (the penalty is O(LM loss)), and gradient norms above the clip of 1.0.
 
+Document attention (data.document_attention=within, with data.eod_mask_loss) is checked the same
+way on a corpus of short documents that the test writes in Megatron's .bin/.idx layout without
+our sidecar (tests/megatron_layout.py; the tokenizer stands in for it): TP2, PP2 (the stages pass
+(hidden, doc_start)), DP2, TP2 x PP2 and TP2 x PP2 x DP2 against one process.
+
 All layouts of one world size run one after another in the same processes (tests/dist/pp_worker.py:
 train_runs — train.py's own path, `training.loop.run`), so the whole matrix costs four spawns.
 """
@@ -43,6 +48,11 @@ UNIFORM = ["--parallel.pipeline_partition", "uniform"]
 LN_UNTIED = ["--model.variant", "SM+LN+G", "--model.tie_embeddings", "false"]
 
 
+# "@documents" becomes --data.train_data/valid_data/tokenizer for the Megatron-layout corpus.
+WITHIN = ["@documents", "--data.document_attention", "within", "--data.eod_mask_loss", "true"]
+CROSS_ON_DOCUMENTS = "1 cross, same documents"
+
+
 def mb(n: int) -> list[str]:
     return ["--train.micro_batch_size", str(n)]
 
@@ -55,6 +65,8 @@ LAYOUTS: dict[int, dict[str, tuple[list[str], str | None]]] = {
         "1 mb1 (GAS 8)": (mb(1), None),
         "1 checkpointing": (CKPT, None),
         "1 SM+LN+G untied": (LN_UNTIED, None),
+        "1 within": (WITHIN, None),
+        CROSS_ON_DOCUMENTS: (["@documents"], None),
     },
     2: {
         "DP2": ([], None),
@@ -67,6 +79,9 @@ LAYOUTS: dict[int, dict[str, tuple[list[str], str | None]]] = {
         "PP2 ZeRO-1": ([PP, "2"], ZERO[1]),
         "PP2 mb1 (GAS 8) uniform checkpointing": ([PP, "2", *mb(1), *UNIFORM, *CKPT], None),
         "PP2 SM+LN+G untied": ([PP, "2", *LN_UNTIED], None),
+        "DP2 within": (WITHIN, None),
+        "TP2 within": ([TP, "2", *WITHIN], None),
+        "PP2 within": ([PP, "2", *WITHIN], None),
     },
     4: {
         "DP2xPP2": ([PP, "2"], None),
@@ -75,10 +90,12 @@ LAYOUTS: dict[int, dict[str, tuple[list[str], str | None]]] = {
         "TP2xDP2": ([TP, "2"], None),
         "PP4 uniform checkpointing ZeRO-1": ([PP, "4", *UNIFORM, *CKPT], ZERO[1]),
         "TP2xPP2 SM+LN+G untied": ([TP, "2", PP, "2", *LN_UNTIED], None),
+        "TP2xPP2 within": ([TP, "2", PP, "2", *WITHIN], None),
     },
     8: {
         "TP2xPP2xDP2": ([TP, "2", PP, "2"], None),
         "TP2xPP2xDP2 mb1 (GAS 4) checkpointing ZeRO-1": ([TP, "2", PP, "2", *mb(1), *CKPT], ZERO[1]),
+        "TP2xPP2xDP2 within": ([TP, "2", PP, "2", *WITHIN], None),
     },
 }
 # Expected to be refused inside the run (all ranks, same one-line ConfigError): on the tiny model,
@@ -118,16 +135,30 @@ def max_differences(run: list[dict], ref: list[dict]) -> dict[str, float]:
     return worst
 
 
+def megatron_documents(root: Path, data_cache: Path) -> list[str]:
+    """Short documents (3-40 tokens, T = 32: several per sample) of the default corpus' tokens in
+    Megatron's layout, no sidecar."""
+    from tests.megatron_layout import read_megatron, short_documents, write_megatron
+
+    tokenizer = next((data_cache / "megatron_entropy").rglob("tokenizer.model"))
+    text = read_megatron(str(tokenizer.parent / "train"))["tokens"]
+    write_megatron(str(root / "documents"), short_documents(600, 512, eos_id=2, seed=4, source=text))
+    prefix = str(root / "documents")
+    return ["--data.train_data", prefix, "--data.valid_data", prefix, "--data.tokenizer", str(tokenizer)]
+
+
 @pytest.fixture(scope="module")
 def layout_runs(data_cache, tmp_path_factory) -> dict:
     """Run every layout; returns {name: {"records": [...], "seconds": s, "stdout": rank 0's}}."""
     root = tmp_path_factory.mktemp("layouts")
+    documents = megatron_documents(root, data_cache)
     out = {}
     for world, layouts in LAYOUTS.items():
         refused = REFUSED_IN_RUN.get(world, {})
         runs, names = [], []
         for name, (extra, ds) in {**layouts, **refused}.items():
             run_dir = root / name.replace(" ", "_").replace("(", "").replace(")", "").replace("<", "lt")
+            extra = [arg for word in extra for arg in (documents if word == "@documents" else [word])]
             runs.append({"args": TINY + SENSITIVE + extra + ["--logging.run_dir", str(run_dir)], "deepspeed": ds,
                          "expect_error": name in refused})
             names.append((name, run_dir))
@@ -140,10 +171,11 @@ def layout_runs(data_cache, tmp_path_factory) -> dict:
 
 
 def reference(name: str) -> str:
-    return "1 SM+LN+G untied" if "SM+LN+G untied" in name else "1"
+    return "1 SM+LN+G untied" if "SM+LN+G untied" in name else "1 within" if "within" in name else "1"
 
 
-@pytest.mark.parametrize("name", [n for layouts in LAYOUTS.values() for n in layouts if n != reference(n)])
+@pytest.mark.parametrize("name", [n for layouts in LAYOUTS.values() for n in layouts
+                                  if n != reference(n) and n != CROSS_ON_DOCUMENTS])
 def test_layout_matches_single_process(layout_runs, name):
     diffs = max_differences(layout_runs[name]["records"], layout_runs[reference(name)]["records"])
     print(f"{name}: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
@@ -156,6 +188,13 @@ def test_the_comparison_is_sensitive(layout_runs):
     assert all(r["grad_norm"] > 1.0 for r in ref)  # clipping (train.grad_clip 1.0) is active
     assert all(r["entropy_reg_loss"] > 0.1 for r in ref)
     assert abs(ref[2]["lm_loss"] - ref[0]["lm_loss"]) > 0.05
+
+
+def test_document_attention_changes_training(layout_runs):
+    """`within` is not `cross` on the same documents: the layouts above compare a real difference."""
+    within, cross = layout_runs["1 within"]["records"], layout_runs[CROSS_ON_DOCUMENTS]["records"]
+    assert max(rel(a["lm_loss"], b["lm_loss"]) for a, b in zip(within, cross)) > 1e-3
+    assert max_differences(within, cross)["entropy"] > 1e-2
 
 
 def test_fewer_micro_batches_than_stages_runs_and_says_so(layout_runs):

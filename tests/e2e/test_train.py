@@ -139,3 +139,33 @@ def test_ds_config_contradicting_our_config_is_refused(run_train, tmp_path):
     run = run_train(["--deepspeed", str(ds)], check=False)
     assert run.proc.returncode == 2
     assert "train_batch_size=64" in run.proc.stderr and "train.global_batch_size" in run.proc.stderr
+
+
+def test_megatron_layout_corpus_trains_with_documents_and_bad_ones_are_refused(run_train, tmp_path, data_cache):
+    """Shards written by the test in Megatron's .bin/.idx layout, without our sidecar, train through
+    train.py (Megatron's blend form, document attention, per-document packing, EOD loss mask) when
+    data.tokenizer names their tokenizer; without it, or with ids outside it: one line, exit 2."""
+    from tests.megatron_layout import read_megatron, short_documents, write_megatron
+
+    tokenizer = next((data_cache / "megatron_entropy").rglob("tokenizer.model"))
+    text = read_megatron(str(tokenizer.parent / "train"))["tokens"]
+    code, web = tmp_path / "code", tmp_path / "web"
+    write_megatron(str(code), short_documents(300, 512, eos_id=2, seed=0, high=150, source=text))
+    write_megatron(str(web), short_documents(100, 512, eos_id=2, seed=1, low=70, high=200, source=text[20000:]))
+    data = ["--data.valid_data", str(code), "--data.tokenizer", str(tokenizer)]
+    for packing in ("stream", "per_document"):
+        run = run_train(STEPS + data + ["--data.train_data", f"0.7 {code} 0.3 {web}", "--data.packing", packing,
+                                        "--data.document_attention", "within", "--data.eod_mask_loss", "true"])
+        losses = run.losses()
+        assert len(losses) == 4 and all(math.isfinite(x) for x in losses), packing
+        assert "blend of 2 sources" in run.proc.stdout
+
+    bad = tmp_path / "bad"
+    write_megatron(str(bad), [[5, 600, 2]] * 100)  # id 600 >= the tokenizer's 512
+    for args, fragment in ((["--data.train_data", str(code)], "set data.tokenizer"),
+                           (["--data.train_data", str(bad), "--data.tokenizer", str(tokenizer)],
+                            "holds token id 600 outside the tokenizer's [0, 512)")):
+        run = run_train(STEPS + args, check=False)
+        lines = [line for line in run.proc.stderr.strip().splitlines() if line.strip()]
+        assert run.proc.returncode == 2 and lines[-1].startswith("error: ") and fragment in lines[-1], run.proc.stderr[-2000:]
+        assert not run.run_dir.exists()
