@@ -1,0 +1,413 @@
+"""Layout planner: parameters, memory, FLOPs, step time and communication of one training layout.
+
+Pure arithmetic on the config (no torch import), so `tools/plan.py` answers instantly on a login
+node. What it counts follows this code base, not a generic transformer:
+
+* Parameters per rank mirror model/gpt.py, block.py, attention.py and ffn.py term by term
+  (tests/unit/test_plan.py checks them against a real model built with torch, per layout).
+* Weights, gradients and optimizer state follow DeepSpeed's engines as train.py configures them
+  (a torch AdamW: m and v in fp32):
+      precision  ZeRO  weights      grads                 master + Adam m, v (fp32)
+      fp32       0     4N           4N                    8N (Adam only: the weights are fp32)
+      fp32       1     4N           4N + 4N/dp            12N/dp (DeepSpeed keeps its own fp32 copy)
+      fp32       2     4N           4N/dp + bucket        12N/dp + 4N/dp (fp32 grad partition)
+      bf16/fp16  0     2N           2N + 4N (fp32 accum)  12N
+      bf16/fp16  1     2N           2N + 4N/dp            12N/dp
+      bf16/fp16  2     2N           2N/dp + bucket + 4N/dp 12N/dp
+      any        3     w N/dp + one layer gathered, grads as ZeRO-2, optimizer /dp (host with offload)
+  N = parameters on the rank, dp = data-parallel size, w = bytes per weight.
+* Activations are the tensors autograd saves in one micro-batch's forward, counted from the code
+  (`layer_activation_bytes`; tests/unit/test_plan.py compares them with saved-tensor hooks), plus
+  the LM head's logits workspace; with recompute only each layer's input is kept, plus one
+  layer's full set while it is recomputed. Pipeline stage 0 holds min(P, micro-batches) of them
+  in flight (1F1B).
+* FLOPs per token are analysis/flops.py's (the MFU log's), step time = FLOPs / (devices x peak x MFU).
+The predictions are checked against measured CPU peaks by benchmarks/plan_memory.py (docs/planning.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+GIB = 1024**3
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DS_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
+DS_PREFETCH_BUCKET = 50_000_000  # ZeRO-3 stage3_prefetch_bucket_size default (elements)
+# Dense peak TFLOP/s of one device in bf16 (spec sheets, SXM parts).
+GPU_PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
+ASSUMED_MFU = 0.35  # no measured GPU run of this code yet (docs/planning.md); override with --mfu
+HOST_BASELINE_GIB = 3.0  # per rank: CUDA context, torch, DeepSpeed, Python (a stated assumption)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where and how a model is trained: devices, parallel sizes, batch, precision, memory savers."""
+
+    nodes: int = 1
+    gpus_per_node: int = 1
+    tensor: int = 1
+    pipeline: int = 1
+    zero: int = 1
+    micro_batch: int = 1
+    global_batch: int = 1
+    precision: str = "bf16"
+    recompute: bool = False
+    core: str = "fused"  # fused | eager: the attention core that computes the entropy
+    offload: bool = False  # ZeRO-3 parameter + optimizer offload to host memory
+    gpu_memory_gib: float = 80.0
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def dp(self) -> int:
+        return self.world // (self.tensor * self.pipeline)
+
+    @property
+    def accumulation(self) -> int:
+        return self.global_batch // (self.micro_batch * self.dp)
+
+    def problem(self, model: "ModelShape") -> str | None:
+        """Why this layout cannot run the model (None: it can)."""
+        if self.world % (self.tensor * self.pipeline):
+            return f"{self.world} devices are not a multiple of TP x PP = {self.tensor * self.pipeline}"
+        if model.heads % self.tensor:
+            return f"TP={self.tensor} does not divide {model.heads} heads"
+        if self.pipeline > model.layers:
+            return f"PP={self.pipeline} exceeds {model.layers} layers"
+        if self.pipeline > 1 and self.zero > 1:
+            return "ZeRO-2/3 cannot be combined with pipeline parallelism (DeepSpeed)"
+        if self.offload and self.zero != 3:
+            return "offload needs ZeRO-3 (ds_configs/zero3_offload.json)"
+        if self.global_batch % (self.micro_batch * self.dp):
+            return (f"global batch {self.global_batch} is not a multiple of micro-batch x DP = "
+                    f"{self.micro_batch} x {self.dp}")
+        return None
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a model config that parameter and memory counts depend on."""
+
+    layers: int
+    hidden: int
+    heads: int
+    seq: int
+    ffn_hidden: int
+    vocab: int
+    vocab_multiple: int = 128
+    layernorm: bool = False
+    final_norm: bool = False
+    fused_ffn: bool = True
+    scaled_ffn: bool = True  # alpha, beta
+    weight_norm: frozenset = frozenset()  # linear names with a weight-norm gain g
+    temperature: bool = True
+    entropy_reg: bool = True
+    qk_bias: bool = True
+    tied: bool = True
+
+    @classmethod
+    def from_model_config(cls, m, vocab: int | None = None) -> "ModelShape":
+        spec = m.spec()
+        return cls(
+            layers=m.num_layers, hidden=m.hidden_size, heads=m.num_heads, seq=m.seq_length,
+            ffn_hidden=m.ffn_hidden, vocab=vocab or m.vocab_size, vocab_multiple=m.make_vocab_size_divisible_by,
+            layernorm=spec.norm == "layernorm", final_norm=spec.final_norm, fused_ffn=spec.ffn_kind == "fused",
+            scaled_ffn=spec.ffn_stabilizer == "scale",
+            weight_norm=spec.normalized_linears if spec.ffn_stabilizer == "weight_norm" else frozenset(),
+            temperature=spec.learnable_temperature, entropy_reg=spec.entropy_reg, qk_bias=m.qk_bias,
+            tied=m.tie_embeddings,
+        )
+
+    def padded_vocab(self, tp: int) -> int:
+        step = max(1, self.vocab_multiple) * tp
+        return -(-self.vocab // step) * step
+
+
+# ----------------------------------------------------------------------------- parameters
+
+def layer_params(m: ModelShape, tp: int) -> int:
+    """Parameters of one decoder layer on one tensor-parallel rank."""
+    d, h = m.hidden, m.heads // tp
+    n = 4 * d * d // tp  # q, k, v (column-parallel), o (row-parallel)
+    n += 2 * d // tp if m.qk_bias else 0
+    n += 2 * 2 * d if m.layernorm else 0  # norm1, norm2 (replicated)
+    n += d * d // tp if m.fused_ffn else 2 * d * m.ffn_hidden // tp
+    n += 2 if m.scaled_ffn else 0  # alpha, beta (replicated)
+    n += h * m.seq if m.temperature else 0  # t[heads_local, T]
+    n += h if m.entropy_reg else 0  # theta
+    # Weight-norm gains g: per output unit, sharded for column-parallel layers, replicated for row.
+    gains = {"q": d // tp, "k": d // tp, "v": d // tp, "o": d}
+    gains["ffn"] = d if m.fused_ffn else m.ffn_hidden // tp + d
+    n += sum(gains[name] for name in m.weight_norm)
+    return n
+
+
+def embedding_params(m: ModelShape, tp: int) -> int:
+    """Token embedding shard + learned positions (replicated)."""
+    return m.padded_vocab(tp) // tp * m.hidden + m.seq * m.hidden
+
+
+def head_params(m: ModelShape, tp: int) -> int:
+    """Final norm, plus the output projection shard when the embeddings are untied (no bias)."""
+    n = 2 * m.hidden if m.final_norm else 0
+    return n + (0 if m.tied else m.padded_vocab(tp) // tp * m.hidden)
+
+
+def total_params(m: ModelShape) -> int:
+    """The unsharded model (TP = 1, one copy of a tied embedding)."""
+    return embedding_params(m, 1) + m.layers * layer_params(m, 1) + head_params(m, 1)
+
+
+def stage_layers(m: ModelShape, tp: int, pp: int) -> list[int]:
+    """Decoder layers per pipeline stage, balancing parameters as DeepSpeed's "parameters"
+    partition does (the embedding counts on stage 0, the head and tied projection on the last)."""
+    if pp == 1:
+        return [m.layers]
+    emb, lay, head = embedding_params(m, tp), layer_params(m, tp), head_params(m, tp)
+    last_extra = head + (m.padded_vocab(tp) // tp * m.hidden if m.tied else 0)
+    best = None
+    # Stage 0 and the last stage take fewer layers when their extra parameters are large.
+    for first in range(1, m.layers - pp + 2):
+        for last in range(1, m.layers - first - (pp - 2) + 1):
+            middle = m.layers - first - last
+            if pp > 2 and middle < pp - 2:
+                continue
+            mids = [middle // (pp - 2) + (1 if i < middle % (pp - 2) else 0) for i in range(pp - 2)] if pp > 2 else []
+            if pp == 2 and middle:
+                continue
+            counts = [first] + mids + [last]
+            loads = [emb + first * lay] + [c * lay for c in mids] + [last * lay + last_extra]
+            if best is None or max(loads) < best[0]:
+                best = (max(loads), counts)
+    return best[1]
+
+
+def stage_params(m: ModelShape, tp: int, pp: int) -> list[int]:
+    """Parameters on one rank of each pipeline stage (a tied embedding is held by both ends)."""
+    counts = stage_layers(m, tp, pp)
+    out = []
+    for s, c in enumerate(counts):
+        n = c * layer_params(m, tp)
+        if s == 0:
+            n += embedding_params(m, tp)
+        if s == pp - 1:
+            n += head_params(m, tp)
+            if m.tied and pp > 1:
+                n += embedding_params(m, tp)  # DeepSpeed's TiedLayerSpec builds the whole Embedding
+        out.append(n)
+    return out
+
+
+# ----------------------------------------------------------------------------- activations
+
+def layer_activation_bytes(m: ModelShape, lay: Layout) -> dict[str, int]:
+    """Bytes autograd keeps for one decoder layer and one micro-batch (no recompute), by term.
+
+    a = bytes per activation; s = b x T tokens; d_l = d / TP, h = heads / TP. Counted from the
+    forward of block.py / attention.py / ffn.py (each stored tensor once, however many ops keep it).
+    """
+    a, s, d = BYTES[lay.precision], lay.micro_batch * m.seq, m.hidden
+    d_l, h = d // lay.tensor, m.heads // lay.tensor
+    terms = {}
+    norm = 2 * (s * d * a + 2 * s * 4) if m.layernorm else 0  # inputs + mean / rstd (fp32), twice
+    terms["norms"] = norm
+    terms["qkv_input"] = s * d * a  # the (normed) input, shared by q, k and v
+    terms["q_scaled"] = s * d_l * a if m.temperature else 0  # q before 1/t (for dt)
+    if lay.core == "fused":  # q, k, v, output in fp32 (blocked copies) + 3 row statistics
+        terms["core"] = 4 * s * d_l * 4 + 3 * lay.micro_batch * h * m.seq * 4
+    else:  # eager: the T x T log-probabilities, probabilities (fp32, and in a if narrower), masks
+        T2 = lay.micro_batch * h * m.seq * m.seq
+        terms["core"] = T2 * (4 * 2 + (a if a != 4 else 0) + 4) + s * d_l * (4 + 4 + a)
+    terms["entropy"] = lay.micro_batch * h * m.seq * 4 if m.entropy_reg else 0
+    terms["o_input"] = s * d_l * a
+    if m.fused_ffn:
+        terms["ffn"] = s * d_l * a  # the scattered input of the row-parallel d x d layer
+    else:
+        f_l = m.ffn_hidden // lay.tensor
+        terms["ffn"] = s * d * a + 2 * s * f_l * a  # input, pre- and post-activation
+    terms["residual"] = 2 * s * d * a if m.scaled_ffn else 0  # x (for beta) and FFN(x) (for alpha)
+    return terms
+
+
+def head_activation_bytes(m: ModelShape, lay: Layout) -> tuple[int, int]:
+    """(kept until the backward, transient peak on top) of the LM head for one micro-batch: the
+    cross entropy keeps softmax [s, V/TP] in fp32; computing it holds the logits (a), the masked
+    fp32 logits, the shifted ones, their exp and the softmax at once."""
+    a, s = BYTES[lay.precision], lay.micro_batch * m.seq
+    v_l = m.padded_vocab(lay.tensor) // lay.tensor
+    kept = s * v_l * 4 + s * m.hidden * a  # softmax + the final hidden state (projection input)
+    return kept, s * v_l * (a + 3 * 4)
+
+
+def activation_bytes(m: ModelShape, lay: Layout, layers: int, in_flight: int = 1) -> dict[str, int]:
+    """Activation memory of a rank holding `layers` decoder layers and `in_flight` micro-batches."""
+    per_layer = sum(layer_activation_bytes(m, lay).values())
+    layer_input = lay.micro_batch * m.seq * m.hidden * BYTES[lay.precision]
+    head_kept, head_peak = head_activation_bytes(m, lay)
+    if lay.recompute:  # inputs only; one layer's full set while its backward runs
+        kept = in_flight * layers * layer_input + per_layer
+    else:
+        kept = in_flight * layers * per_layer
+    return {"layers": kept, "head": head_kept, "head_transient": head_peak}
+
+
+# ----------------------------------------------------------------------------- memory
+
+@dataclass
+class Memory:
+    """Bytes per rank on the device (and on the host with offload), by category."""
+
+    params: int
+    weights: int
+    gradients: int
+    optimizer: int
+    zero_buffers: int
+    activations: int
+    transient: int
+    host_offload: int = 0
+    terms: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.zero_buffers + self.activations + self.transient
+
+
+def model_state_bytes(n: int, lay: Layout, largest_layer: int) -> dict[str, int]:
+    """Weights, gradients, optimizer state and ZeRO buffers of n parameters on one rank."""
+    w = BYTES[lay.precision]
+    dp, zero, mixed = lay.dp, lay.zero, lay.precision != "fp32"
+    part = -(-n // dp)
+    bucket = min(DS_REDUCE_BUCKET, n) * w
+    master = 4 * part if mixed else (4 * part if zero >= 1 else 0)
+    adam = 8 * (part if zero >= 1 else n)
+    if zero == 0:
+        weights, grads, optimizer, buffers = w * n, w * n + (4 * n if mixed else 0), adam + (4 * n if mixed else 0), 0
+    elif zero == 1:
+        weights, grads, optimizer, buffers = w * n, w * n + 4 * part, adam + master, 0
+    elif zero == 2:
+        weights, grads, optimizer, buffers = w * n, w * part + 4 * part, adam + master, bucket
+    else:
+        gathered = min(max(largest_layer, DS_PREFETCH_BUCKET), n) * w
+        weights, grads, optimizer, buffers = w * part, w * part + 4 * part, adam + master, bucket + gathered
+    host = 0
+    if lay.offload:  # parameters and optimizer state (with its fp32 gradients) live on the host
+        host = optimizer + 4 * part + w * part
+        optimizer, grads, weights = 0, w * part, 0
+    return {"weights": weights, "gradients": grads, "optimizer": optimizer, "zero_buffers": buffers, "host": host}
+
+
+def memory(m: ModelShape, lay: Layout, stage: int = 0) -> Memory:
+    """The planner's estimate for one rank of pipeline stage `stage`."""
+    n = stage_params(m, lay.tensor, lay.pipeline)[stage]
+    layers = stage_layers(m, lay.tensor, lay.pipeline)[stage]
+    state = model_state_bytes(n, lay, layer_params(m, lay.tensor))
+    in_flight = min(lay.pipeline - stage, lay.accumulation) if lay.pipeline > 1 else 1
+    acts = activation_bytes(m, lay, layers, in_flight)
+    has_head = stage == lay.pipeline - 1
+    kept = acts["layers"] + (acts["head"] if has_head else 0)
+    # The fused optimizer step's temporaries (one fp32 copy of the local partition) come when the
+    # activations are gone; the head's workspace comes at the end of the forward.
+    step_tmp = 4 * (n if lay.zero == 0 else -(-n // lay.dp)) if not lay.offload else 0
+    transient = max(acts["head_transient"] if has_head else 0, step_tmp - kept)
+    return Memory(params=n, weights=state["weights"], gradients=state["gradients"], optimizer=state["optimizer"],
+                  zero_buffers=state["zero_buffers"], activations=kept, transient=max(transient, 0),
+                  host_offload=state["host"], terms=layer_activation_bytes(m, lay))
+
+
+def peak_memory(m: ModelShape, lay: Layout) -> tuple[int, Memory]:
+    """(stage, Memory) of the pipeline stage with the largest device footprint."""
+    options = [(s, memory(m, lay, s)) for s in range(lay.pipeline)]
+    return max(options, key=lambda item: item[1].total)
+
+
+def largest_micro_batch(m: ModelShape, lay: Layout, limit: int = 1024) -> int:
+    """The largest micro-batch whose peak fits the device (0: not even 1), ignoring batch divisibility."""
+    capacity = lay.gpu_memory_gib * GIB * 0.95  # leave 5% for the allocator's fragmentation
+    best, b = 0, 1
+    while b <= limit and peak_memory(m, replace(lay, micro_batch=b, global_batch=b * lay.dp))[1].total <= capacity:
+        best, b = b, b * 2
+    if best:  # refine between best and 2 * best
+        lo, hi = best, min(2 * best, limit + 1)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            fits = peak_memory(m, replace(lay, micro_batch=mid, global_batch=mid * lay.dp))[1].total <= capacity
+            lo, hi = (mid, hi) if fits else (lo, mid)
+        best = lo
+    return best
+
+
+def host_bytes_per_node(m: ModelShape, lay: Layout, num_samples: int = 0) -> dict[str, int]:
+    """Host memory of one node: per-rank process baseline, offloaded state, and the data order.
+
+    The sample order is computed on the fly (data/dataset.py GlobalBatchSampler): O(1) per rank,
+    whatever num_samples is; before, each rank held an int64 permutation of every sample."""
+    ranks = min(lay.gpus_per_node, lay.world)
+    mem = peak_memory(m, lay)[1]
+    return {"process_baseline": int(ranks * HOST_BASELINE_GIB * GIB), "offload": ranks * mem.host_offload,
+            "data_order": 0, "data_order_before": ranks * 8 * num_samples}
+
+
+# ----------------------------------------------------------------------------- time and traffic
+
+def step_time_s(flops_per_token: float, lay: Layout, seq: int, peak_tflops: float, mfu: float) -> float:
+    tokens = lay.global_batch * seq
+    return flops_per_token * tokens / (lay.world * peak_tflops * 1e12 * mfu)
+
+
+def communication_bytes(m: ModelShape, lay: Layout) -> dict[str, int]:
+    """Bytes each rank sends per optimizer step (ring collectives: an all-reduce sends
+    2 (n-1)/n of the buffer, a reduce-scatter or all-gather (n-1)/n)."""
+    a, s, d = BYTES[lay.precision], lay.micro_batch * m.seq, m.hidden
+    micro = lay.accumulation
+    layers = max(stage_layers(m, lay.tensor, lay.pipeline))
+    tp = lay.tensor
+    tp_bytes = 0
+    if tp > 1:  # per layer: forward all-reduce after o and after the FFN, two in the backward
+        passes = 6 if lay.recompute else 4
+        ring = 2 * (tp - 1) / tp
+        tp_bytes = int(micro * (layers * passes + 2) * s * d * a * ring)
+    pp_bytes = 2 * micro * s * d * a if lay.pipeline > 1 else 0  # activations out, gradients back
+    n = max(stage_params(m, lay.tensor, lay.pipeline))
+    dp, frac = lay.dp, (lay.dp - 1) / lay.dp if lay.dp > 1 else 0.0
+    g = a if lay.precision != "fp32" else 4
+    if lay.zero == 0:
+        dp_bytes = 2 * frac * n * g
+    elif lay.zero in (1, 2):
+        dp_bytes = frac * n * g + frac * n * a  # reduce-scatter gradients, all-gather updated weights
+    else:
+        dp_bytes = frac * n * g + 2 * frac * n * a * micro  # + a parameter all-gather per forward and backward
+    return {"tp": tp_bytes, "pp": pp_bytes, "dp": int(dp_bytes)}
+
+
+# ----------------------------------------------------------------------------- search
+
+def search(m: ModelShape, base: Layout, flops_per_token: float, peak_tflops: float, mfu: float) -> list[dict]:
+    """Every (TP, PP, ZeRO, micro-batch, recompute) layout of base's devices that fits, fastest
+    first (the same MFU for all: ranked by fewest bytes communicated, then most memory left)."""
+    rows = []
+    tps = [t for t in (1, 2, 4, 8) if t <= base.gpus_per_node and m.heads % t == 0]
+    pps = [p for p in (1, 2, 4, 8) if p <= m.layers]
+    for tp in tps:
+        for pp in pps:
+            if base.world % (tp * pp):
+                continue
+            for zero in (0, 1, 2, 3):
+                for recompute in (False, True):
+                    for b in (1, 2, 4, 8, 16, 32):
+                        lay = replace(base, tensor=tp, pipeline=pp, zero=zero, recompute=recompute, micro_batch=b)
+                        if lay.problem(m):
+                            continue
+                        mem = peak_memory(m, lay)[1]
+                        if mem.total > lay.gpu_memory_gib * GIB * 0.95:
+                            continue
+                        comm = communication_bytes(m, lay)
+                        bubble = (pp - 1) / (lay.accumulation + pp - 1) if pp > 1 else 0.0
+                        time = step_time_s(flops_per_token, lay, m.seq, peak_tflops, mfu) / (1 - bubble)
+                        if recompute:
+                            time *= 4 / 3  # the recomputed forward adds a third to the hardware FLOPs
+                        rows.append({"layout": lay, "memory": mem, "comm": comm, "step_s": time})
+    rows.sort(key=lambda r: (round(r["step_s"], 3), sum(r["comm"].values()), r["memory"].total))
+    return rows
