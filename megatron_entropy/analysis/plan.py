@@ -37,6 +37,10 @@ DS_PREFETCH_BUCKET = 50_000_000  # ZeRO-3 stage3_prefetch_bucket_size default (e
 # Dense peak TFLOP/s of one device in bf16 (spec sheets, SXM parts).
 GPU_PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
 ASSUMED_MFU = 0.35  # no measured GPU run of this code yet (docs/planning.md); override with --mfu
+# Per-device bandwidths for the exposed-communication estimate (stated assumptions, GB/s): NVLink
+# all-reduce bus bandwidth inside an H100/H200 node, and one 400 Gb/s NIC per GPU between nodes.
+INTRA_NODE_GBPS = 300.0
+INTER_NODE_GBPS = 40.0
 HOST_BASELINE_GIB = 3.0  # per rank: CUDA context, torch, DeepSpeed, Python (a stated assumption)
 
 
@@ -54,6 +58,7 @@ class Layout:
     precision: str = "bf16"
     recompute: bool = False
     core: str = "fused"  # fused | eager: the attention core that computes the entropy
+    device: str = "cuda"  # cuda (the fused core is the Triton kernel) | cpu (the blocked PyTorch one)
     offload: bool = False  # ZeRO-3 parameter + optimizer offload to host memory
     gpu_memory_gib: float = 80.0
 
@@ -107,6 +112,7 @@ class ModelShape:
     entropy_reg: bool = True
     qk_bias: bool = True
     tied: bool = True
+    activation: str = "identity"
 
     @classmethod
     def from_model_config(cls, m, vocab: int | None = None) -> "ModelShape":
@@ -118,7 +124,7 @@ class ModelShape:
             scaled_ffn=spec.ffn_stabilizer == "scale",
             weight_norm=spec.normalized_linears if spec.ffn_stabilizer == "weight_norm" else frozenset(),
             temperature=spec.learnable_temperature, entropy_reg=spec.entropy_reg, qk_bias=m.qk_bias,
-            tied=m.tie_embeddings,
+            tied=m.tie_embeddings, activation=spec.activation,
         )
 
     def padded_vocab(self, tp: int) -> int:
@@ -203,42 +209,55 @@ def stage_params(m: ModelShape, tp: int, pp: int) -> list[int]:
 
 # ----------------------------------------------------------------------------- activations
 
+def attention_core_used(m: ModelShape, core: str) -> str:
+    """The core a training step runs (model/attention.py select_core): SDPA when neither the
+    entropy nor a temperature gradient is needed, else the configured fused or eager core."""
+    return core if (m.entropy_reg or m.temperature) else "sdpa"
+
+
 def layer_activation_bytes(m: ModelShape, lay: Layout) -> dict[str, int]:
     """Bytes autograd keeps for one decoder layer and one micro-batch (no recompute), by term.
 
     a = bytes per activation; s = b x T tokens; d_l = d / TP, h = heads / TP. Counted from the
-    forward of block.py / attention.py / ffn.py (each stored tensor once, however many ops keep it).
+    forward of block.py / attention.py / ffn.py, each stored tensor once however many ops keep it
+    (tests/unit/test_plan.py checks the sum against saved-tensor hooks on a real model).
     """
-    a, s, d = BYTES[lay.precision], lay.micro_batch * m.seq, m.hidden
-    d_l, h = d // lay.tensor, m.heads // lay.tensor
-    terms = {}
-    norm = 2 * (s * d * a + 2 * s * 4) if m.layernorm else 0  # inputs + mean / rstd (fp32), twice
-    terms["norms"] = norm
-    terms["qkv_input"] = s * d * a  # the (normed) input, shared by q, k and v
-    terms["q_scaled"] = s * d_l * a if m.temperature else 0  # q before 1/t (for dt)
-    if lay.core == "fused":  # q, k, v, output in fp32 (blocked copies) + 3 row statistics
-        terms["core"] = 4 * s * d_l * 4 + 3 * lay.micro_batch * h * m.seq * 4
-    else:  # eager: the T x T log-probabilities, probabilities (fp32, and in a if narrower), masks
-        T2 = lay.micro_batch * h * m.seq * m.seq
-        terms["core"] = T2 * (4 * 2 + (a if a != 4 else 0) + 4) + s * d_l * (4 + 4 + a)
-    terms["entropy"] = lay.micro_batch * h * m.seq * 4 if m.entropy_reg else 0
-    terms["o_input"] = s * d_l * a
-    if m.fused_ffn:
-        terms["ffn"] = s * d_l * a  # the scattered input of the row-parallel d x d layer
-    else:
-        f_l = m.ffn_hidden // lay.tensor
-        terms["ffn"] = s * d * a + 2 * s * f_l * a  # input, pre- and post-activation
-    terms["residual"] = 2 * s * d * a if m.scaled_ffn else 0  # x (for beta) and FFN(x) (for alpha)
+    a, b, T, d = BYTES[lay.precision], lay.micro_batch, m.seq, m.hidden
+    s, d_l, h, tp = b * T, d // lay.tensor, m.heads // lay.tensor, lay.tensor
+    terms = {"layer_input": s * d * a, "attention_residual": s * d * a}  # x, and x + attention (FFN input)
+    # LayerNorm keeps its output (the next linear's input) and mean / rstd in fp32, twice.
+    terms["norms"] = 2 * (s * d * a + 2 * s * 4) if m.layernorm else 0
+    terms["q_unscaled"] = s * d_l * a if m.temperature else 0  # q before the 1/t scale, for dt
+    core = attention_core_used(m, lay.core)
+    if core == "fused" and lay.device == "cuda":  # Triton: q, k, v, output in a; 3 statistics + argmax
+        terms["core"] = 4 * s * d_l * a + 4 * b * h * T * 4
+    elif core == "fused":  # CPU: blocked fp32 copies of q, k, v, the fp32 output, 3 statistics per row
+        terms["core"] = 4 * s * d_l * 4 + 3 * b * h * T * 4
+    elif core == "eager":  # five [b, h, T, T] fp32 tensors (+ the probabilities in a), q, k, v, masks
+        t2 = b * h * T * T
+        terms["core"] = t2 * (5 * 4 + (a if a != 4 else 0)) + s * d_l * (4 + 4 + a) + 2 * T * T
+    else:  # PyTorch SDPA: q, k, v, output and the log-sum-exp
+        terms["core"] = 4 * s * d_l * a + b * h * T * 4
+    terms["entropy"] = b * h * T * 9 if m.entropy_reg else 0  # fp32 entropy, deviation, mask
+    # The context in [b, T, d_l]: the CPU fused core returns it in that layout, so in fp32 it is the
+    # very tensor the core keeps; the other cores' [b, h, T, hd] output is copied by the transpose.
+    terms["o_input"] = 0 if core == "fused" and lay.device == "cpu" and a == 4 else s * d_l * a
+    if m.fused_ffn:  # the row-parallel input is this rank's slice of x (a copy under TP)
+        terms["ffn"] = s * d_l * a if tp > 1 else 0
+    else:  # column-parallel output (+ the activation's output unless identity / ReLU reuse it)
+        f_l = m.ffn_hidden // tp
+        terms["ffn"] = s * f_l * a * (2 if m.activation == "gelu" else 1)
+    terms["scaled_residual"] = s * d * a if m.scaled_ffn else 0  # FFN(x), for the gradient of alpha
     return terms
 
 
 def head_activation_bytes(m: ModelShape, lay: Layout) -> tuple[int, int]:
     """(kept until the backward, transient peak on top) of the LM head for one micro-batch: the
-    cross entropy keeps softmax [s, V/TP] in fp32; computing it holds the logits (a), the masked
-    fp32 logits, the shifted ones, their exp and the softmax at once."""
+    cross entropy keeps softmax [s, V/TP] in fp32 and the targets; computing it holds the logits
+    (a), the masked fp32 logits, the shifted ones, their exp and the softmax at once."""
     a, s = BYTES[lay.precision], lay.micro_batch * m.seq
     v_l = m.padded_vocab(lay.tensor) // lay.tensor
-    kept = s * v_l * 4 + s * m.hidden * a  # softmax + the final hidden state (projection input)
+    kept = s * v_l * 4 + s * m.hidden * a + s * 17  # softmax, final hidden state, int64 targets + mask
     return kept, s * v_l * (a + 3 * 4)
 
 
@@ -382,32 +401,47 @@ def communication_bytes(m: ModelShape, lay: Layout) -> dict[str, int]:
     return {"tp": tp_bytes, "pp": pp_bytes, "dp": int(dp_bytes)}
 
 
+def step_estimate(m: ModelShape, lay: Layout, flops_per_token: float, peak_tflops: float, mfu: float) -> dict:
+    """Seconds per optimizer step: compute at `mfu` (+1/3 with recompute, / (1 - bubble) with PP),
+    plus communication that is not overlapped (TP collectives sit on the critical path; our
+    DeepSpeed configs set overlap_comm false, so the DP traffic is exposed too)."""
+    compute = step_time_s(flops_per_token, lay, m.seq, peak_tflops, mfu)
+    if lay.recompute:
+        compute *= 4 / 3
+    bubble = (lay.pipeline - 1) / (lay.accumulation + lay.pipeline - 1) if lay.pipeline > 1 else 0.0
+    compute /= 1 - bubble
+    comm = communication_bytes(m, lay)
+    # TP groups sit inside a node; DP (and PP) spans nodes as soon as the job has more than one.
+    across = INTER_NODE_GBPS if lay.nodes > 1 else INTRA_NODE_GBPS
+    seconds = {"tp": comm["tp"] / (INTRA_NODE_GBPS * 1e9), "pp": comm["pp"] / (across * 1e9),
+               "dp": comm["dp"] / (across * 1e9)}
+    return {"compute_s": compute, "bubble": bubble, "comm_s": seconds, "step_s": compute + sum(seconds.values())}
+
+
 # ----------------------------------------------------------------------------- search
 
 def search(m: ModelShape, base: Layout, flops_per_token: float, peak_tflops: float, mfu: float) -> list[dict]:
-    """Every (TP, PP, ZeRO, micro-batch, recompute) layout of base's devices that fits, fastest
-    first (the same MFU for all: ranked by fewest bytes communicated, then most memory left)."""
+    """For every (TP, PP, ZeRO, recompute) of base's devices, the largest power-of-two micro-batch
+    that fits (and divides the global batch), fastest first by step_estimate."""
     rows = []
     tps = [t for t in (1, 2, 4, 8) if t <= base.gpus_per_node and m.heads % t == 0]
     pps = [p for p in (1, 2, 4, 8) if p <= m.layers]
     for tp in tps:
         for pp in pps:
-            if base.world % (tp * pp):
-                continue
             for zero in (0, 1, 2, 3):
                 for recompute in (False, True):
-                    for b in (1, 2, 4, 8, 16, 32):
-                        lay = replace(base, tensor=tp, pipeline=pp, zero=zero, recompute=recompute, micro_batch=b)
+                    best = None
+                    for b in (1, 2, 4, 8, 16, 32, 64):
+                        lay = replace(base, tensor=tp, pipeline=pp, zero=zero, recompute=recompute, micro_batch=b,
+                                      offload=False)
                         if lay.problem(m):
                             continue
                         mem = peak_memory(m, lay)[1]
-                        if mem.total > lay.gpu_memory_gib * GIB * 0.95:
-                            continue
-                        comm = communication_bytes(m, lay)
-                        bubble = (pp - 1) / (lay.accumulation + pp - 1) if pp > 1 else 0.0
-                        time = step_time_s(flops_per_token, lay, m.seq, peak_tflops, mfu) / (1 - bubble)
-                        if recompute:
-                            time *= 4 / 3  # the recomputed forward adds a third to the hardware FLOPs
-                        rows.append({"layout": lay, "memory": mem, "comm": comm, "step_s": time})
-    rows.sort(key=lambda r: (round(r["step_s"], 3), sum(r["comm"].values()), r["memory"].total))
+                        if mem.total <= lay.gpu_memory_gib * GIB * 0.95:
+                            best = (lay, mem)
+                    if best:
+                        lay, mem = best
+                        est = step_estimate(m, lay, flops_per_token, peak_tflops, mfu)
+                        rows.append({"layout": lay, "memory": mem, "comm": communication_bytes(m, lay), **est})
+    rows.sort(key=lambda r: (r["step_s"], r["memory"].total))
     return rows
