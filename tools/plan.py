@@ -90,6 +90,10 @@ def main(argv: list[str]) -> int:
         fail(str(e))
     if min(lay.nodes, lay.gpus_per_node, lay.tensor, lay.pipeline, lay.micro_batch, lay.global_batch) < 1:
         fail("--nodes, --gpus-per-node, --tensor, --pipeline, --micro-batch and --global-batch must be >= 1")
+    problem = lay.problem(plan.ModelShape.from_model_config(cfg.model))
+    if problem and not args.search:
+        fail(f"layout: {problem}; change --nodes / --gpus-per-node / --tensor / --pipeline / --zero / the batch "
+             "(or pass --search for the layouts that work)")
     peak = args.peak_tflops or plan.GPU_PEAK_TFLOPS.get(args.gpu, 1.0)
     r = report(cfg, lay, args.mfu, peak)
     rows = plan.search(plan.ModelShape.from_model_config(cfg.model), lay, r["flops_per_token"], peak, args.mfu) \

@@ -61,6 +61,7 @@ class Layout:
     device: str = "cuda"  # cuda (the fused core is the Triton kernel) | cpu (the blocked PyTorch one)
     offload: bool = False  # ZeRO-3 parameter + optimizer offload to host memory
     gpu_memory_gib: float = 80.0
+    partition: str = "parameters"  # parallel.pipeline_partition: parameters | uniform
 
     @property
     def world(self) -> int:
@@ -167,44 +168,63 @@ def total_params(m: ModelShape) -> int:
     return embedding_params(m, 1) + m.layers * layer_params(m, 1) + head_params(m, 1)
 
 
-def stage_layers(m: ModelShape, tp: int, pp: int) -> list[int]:
-    """Decoder layers per pipeline stage, balancing parameters as DeepSpeed's "parameters"
-    partition does (the embedding counts on stage 0, the head and tied projection on the last)."""
+def _partition_balanced(weights: list[int], parts: int) -> list[int]:
+    """DeepSpeed's deepspeed.runtime.utils.partition_balanced (the linear partition problem by
+    dynamic programming, minimising max - min over the parts; ties go to the later boundary),
+    ported so the planner needs no torch: boundaries [0, ..., len(weights)]."""
+    n, inf = len(weights), float("inf")
+    if n <= parts:
+        return [min(p, n) for p in range(parts + 1)]
+    prefix = [0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+    hi = [[inf] * (parts + 1) for _ in range(n + 1)]
+    lo = [[inf] * (parts + 1) for _ in range(n + 1)]
+    cost = [[inf] * (parts + 1) for _ in range(n + 1)]
+    pos = [[0] * (parts + 1) for _ in range(n + 1)]
+    hi[0][0] = cost[0][0] = 0
+    for i in range(1, n + 1):
+        for j in range(1, min(i, parts) + 1):
+            for k in range(i):
+                top, bottom = max(hi[k][j - 1], prefix[i] - prefix[k]), min(lo[k][j - 1], prefix[i] - prefix[k])
+                if cost[i][j] >= top - bottom:
+                    cost[i][j], hi[i][j], lo[i][j], pos[i][j] = top - bottom, top, bottom, k
+    bounds = [n]
+    for j in reversed(range(1, parts + 1)):
+        bounds.append(pos[bounds[-1]][j])
+    return bounds[::-1]
+
+
+def _pipeline_specs(m: ModelShape, tp: int) -> list[tuple[str, int]]:
+    """training/pipeline.py's layer list as (kind, parameters): embedding, L decoder layers, the
+    head, and with tied embeddings the last stage's TiedLayerSpec copy of the whole Embedding."""
+    specs = [("embedding", embedding_params(m, tp))] + [("layer", layer_params(m, tp))] * m.layers
+    specs.append(("head", head_params(m, tp)))
+    if m.tied:
+        specs.append(("embedding", embedding_params(m, tp)))
+    return specs
+
+
+def _stages(m: ModelShape, tp: int, pp: int, method: str) -> list[list[tuple[str, int]]]:
+    specs = _pipeline_specs(m, tp)
+    # "parameters" balances parameter counts; "uniform" is DeepSpeed's "type:DecoderLayer".
+    weights = [n for _, n in specs] if method == "parameters" else [int(k == "layer") for k, _ in specs]
+    bounds = _partition_balanced(weights, pp)
+    return [specs[bounds[i]:bounds[i + 1]] for i in range(pp)]
+
+
+def stage_layers(m: ModelShape, tp: int, pp: int, method: str = "parameters") -> list[int]:
+    """Decoder layers per pipeline stage, partitioned as DeepSpeed's PipelineModule does."""
     if pp == 1:
         return [m.layers]
-    emb, lay, head = embedding_params(m, tp), layer_params(m, tp), head_params(m, tp)
-    last_extra = head + (m.padded_vocab(tp) // tp * m.hidden if m.tied else 0)
-    best = None
-    # Stage 0 and the last stage take fewer layers when their extra parameters are large.
-    for first in range(1, m.layers - pp + 2):
-        for last in range(1, m.layers - first - (pp - 2) + 1):
-            middle = m.layers - first - last
-            if pp > 2 and middle < pp - 2:
-                continue
-            mids = [middle // (pp - 2) + (1 if i < middle % (pp - 2) else 0) for i in range(pp - 2)] if pp > 2 else []
-            if pp == 2 and middle:
-                continue
-            counts = [first] + mids + [last]
-            loads = [emb + first * lay] + [c * lay for c in mids] + [last * lay + last_extra]
-            if best is None or max(loads) < best[0]:
-                best = (max(loads), counts)
-    return best[1]
+    return [sum(k == "layer" for k, _ in stage) for stage in _stages(m, tp, pp, method)]
 
 
-def stage_params(m: ModelShape, tp: int, pp: int) -> list[int]:
+def stage_params(m: ModelShape, tp: int, pp: int, method: str = "parameters") -> list[int]:
     """Parameters on one rank of each pipeline stage (a tied embedding is held by both ends)."""
-    counts = stage_layers(m, tp, pp)
-    out = []
-    for s, c in enumerate(counts):
-        n = c * layer_params(m, tp)
-        if s == 0:
-            n += embedding_params(m, tp)
-        if s == pp - 1:
-            n += head_params(m, tp)
-            if m.tied and pp > 1:
-                n += embedding_params(m, tp)  # DeepSpeed's TiedLayerSpec builds the whole Embedding
-        out.append(n)
-    return out
+    if pp == 1:
+        return [embedding_params(m, tp) + m.layers * layer_params(m, tp) + head_params(m, tp)]
+    return [sum(n for _, n in stage) for stage in _stages(m, tp, pp, method)]
 
 
 # ----------------------------------------------------------------------------- activations
@@ -239,9 +259,11 @@ def layer_activation_bytes(m: ModelShape, lay: Layout) -> dict[str, int]:
     else:  # PyTorch SDPA: q, k, v, output and the log-sum-exp
         terms["core"] = 4 * s * d_l * a + b * h * T * 4
     terms["entropy"] = b * h * T * 9 if m.entropy_reg else 0  # fp32 entropy, deviation, mask
-    # The context in [b, T, d_l]: the CPU fused core returns it in that layout, so in fp32 it is the
-    # very tensor the core keeps; the other cores' [b, h, T, hd] output is copied by the transpose.
-    terms["o_input"] = 0 if core == "fused" and lay.device == "cpu" and a == 4 else s * d_l * a
+    # The context in [b, T, d_l]: SDPA and the CPU fused core return it in that layout (a transposed
+    # view), so it is the core's own saved output (in fp32 for the fused core); the Triton and eager
+    # cores' [b, h, T, hd] output is copied by the transpose.
+    same = core == "sdpa" or (core == "fused" and lay.device == "cpu" and a == 4)
+    terms["o_input"] = 0 if same else s * d_l * a
     if m.fused_ffn:  # the row-parallel input is this rank's slice of x (a copy under TP)
         terms["ffn"] = s * d_l * a if tp > 1 else 0
     else:  # column-parallel output (+ the activation's output unless identity / ReLU reuse it)
@@ -320,8 +342,8 @@ def model_state_bytes(n: int, lay: Layout, largest_layer: int) -> dict[str, int]
 
 def memory(m: ModelShape, lay: Layout, stage: int = 0) -> Memory:
     """The planner's estimate for one rank of pipeline stage `stage`."""
-    n = stage_params(m, lay.tensor, lay.pipeline)[stage]
-    layers = stage_layers(m, lay.tensor, lay.pipeline)[stage]
+    n = stage_params(m, lay.tensor, lay.pipeline, lay.partition)[stage]
+    layers = stage_layers(m, lay.tensor, lay.pipeline, lay.partition)[stage]
     state = model_state_bytes(n, lay, layer_params(m, lay.tensor))
     in_flight = min(lay.pipeline - stage, lay.accumulation) if lay.pipeline > 1 else 1
     acts = activation_bytes(m, lay, layers, in_flight)
@@ -381,7 +403,7 @@ def communication_bytes(m: ModelShape, lay: Layout) -> dict[str, int]:
     2 (n-1)/n of the buffer, a reduce-scatter or all-gather (n-1)/n)."""
     a, s, d = BYTES[lay.precision], lay.micro_batch * m.seq, m.hidden
     micro = lay.accumulation
-    layers = max(stage_layers(m, lay.tensor, lay.pipeline))
+    layers = max(stage_layers(m, lay.tensor, lay.pipeline, lay.partition))
     tp = lay.tensor
     tp_bytes = 0
     if tp > 1:  # per layer: forward all-reduce after o and after the FFN, two in the backward
@@ -389,7 +411,7 @@ def communication_bytes(m: ModelShape, lay: Layout) -> dict[str, int]:
         ring = 2 * (tp - 1) / tp
         tp_bytes = int(micro * (layers * passes + 2) * s * d * a * ring)
     pp_bytes = 2 * micro * s * d * a if lay.pipeline > 1 else 0  # activations out, gradients back
-    n = max(stage_params(m, lay.tensor, lay.pipeline))
+    n = max(stage_params(m, lay.tensor, lay.pipeline, lay.partition))
     dp, frac = lay.dp, (lay.dp - 1) / lay.dp if lay.dp > 1 else 0.0
     g = a if lay.precision != "fp32" else 4
     if lay.zero == 0:

@@ -40,8 +40,8 @@ def report(cfg, lay: plan.Layout, mfu: float, peak: float) -> dict:
     step = est["step_s"]
     return {
         "layout": asdict(lay), "problem": lay.problem(m), "params_total": plan.total_params(m),
-        "params_per_rank_by_stage": plan.stage_params(m, lay.tensor, lay.pipeline),
-        "layers_by_stage": plan.stage_layers(m, lay.tensor, lay.pipeline),
+        "params_per_rank_by_stage": plan.stage_params(m, lay.tensor, lay.pipeline, lay.partition),
+        "layers_by_stage": plan.stage_layers(m, lay.tensor, lay.pipeline, lay.partition),
         "peak_stage": stage, "memory": asdict(mem), "peak_bytes": mem.total, "memory_by_zero": by_zero, "grid": grid,
         "fits": mem.total <= lay.gpu_memory_gib * plan.GIB * 0.95,
         "largest_micro_batch": plan.largest_micro_batch(m, lay),

@@ -65,8 +65,8 @@ def parameter_table(cfg: Config, world_size: int, log) -> list[int]:
     """Per-rank parameter counts of each pipeline stage, from meta models; must equal the planner's."""
     p = cfg.parallel
     shape = plan.ModelShape.from_model_config(cfg.model)
-    stage_layers = plan.stage_layers(shape, p.tensor, p.pipeline)
-    expected = plan.stage_params(shape, p.tensor, p.pipeline)
+    stage_layers = plan.stage_layers(shape, p.tensor, p.pipeline, p.pipeline_partition)
+    expected = plan.stage_params(shape, p.tensor, p.pipeline, p.pipeline_partition)
     counts = []
     for tp_rank in sorted({0, p.tensor - 1}):
         state = ParallelState(world_size=world_size, tp_size=p.tensor, pp_size=p.pipeline,
@@ -128,7 +128,7 @@ def dry_run(cfg: Config, ds_path: str | None, world_size: int, gpu: str = "h100"
                       pipeline=cfg.parallel.pipeline, zero=zero, micro_batch=cfg.train.micro_batch_size,
                       global_batch=cfg.train.global_batch_size, precision=cfg.train.precision,
                       recompute=cfg.parallel.activation_checkpointing, offload=offload, gpu_memory_gib=GPUS[gpu],
-                      device="cpu" if gpu == "cpu" else "cuda")
+                      device="cpu" if gpu == "cpu" else "cuda", partition=cfg.parallel.pipeline_partition)
     peak = plan.GPU_PEAK_TFLOPS.get(gpu, 1.0)
     print_report(report(cfg, lay, plan.ASSUMED_MFU, peak), f"plan ({gpu}, {per_node} per node)")
     log("dry run: OK (nothing was allocated or written)")
