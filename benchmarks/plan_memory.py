@@ -94,6 +94,10 @@ GRID = [
     Case("PP2", pp=2),
 ]
 QUICK = [GRID[0], GRID[1], GRID[10]]
+# The 1b preset's full width and sequence (d 2560, 20 heads, T 2048) with 2 of its 28 layers, TP2,
+# the fused core and recompute; fp32: this CPU has no native bf16 (no avx512_bf16 / AMX).
+REHEARSAL = [Case("1b width L2 TP2 recompute", layers=2, hidden=2560, heads=20, seq=2048, micro=1, tp=2, zero=1,
+                  recompute=True)]
 
 
 def run_ranks(args: list[str], world: int, timeout: float) -> list[dict]:
@@ -136,16 +140,45 @@ def predicted(case: Case, model: dict | None = None) -> list[int]:
     return [plan.memory(shape, lay, stage).total for stage in range(case.pp) for _ in range(case.tp)]
 
 
+def replan(rows: list[dict]) -> int:
+    """Re-predict saved measurements (the measurement does not depend on the planner)."""
+    for row in rows:
+        case = Case(**row["case_config"])
+        base = replace(case, recompute=False)
+        want = predicted(case)[row["rank"]] - predicted(base, BASELINE_MODEL)[row["rank"]]
+        row.update(predicted=want, error=(want - row["measured"]) / row["measured"])
+    print_rows(rows)
+    return 0
+
+
+def print_rows(rows: list[dict]) -> None:
+    print(f"{'case':26s} {'rank':>4s} {'measured MiB':>12s} {'predicted MiB':>13s} {'error':>7s} {'peak RSS MiB':>12s}")
+    for r in rows:
+        print(f"{r['case']:26s} {r['rank']:4d} {r['measured'] / 2**20:12.1f} {r['predicted'] / 2**20:13.1f} "
+              f"{100 * r['error']:+6.1f}% {r['peak_rss_extra'] / 2**20:12.1f}")
+    print_summary(rows)
+
+
+def print_summary(rows: list[dict]) -> None:
+    worst = max(abs(r["error"]) for r in rows)
+    within = sum(abs(r["error"]) <= 0.10 for r in rows)
+    print(f"\n{within}/{len(rows)} rank measurements within 10%; worst |error| {100 * worst:.1f}%")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rehearsal", action="store_true", help="the 1b width rehearsal (a few minutes per run)")
     ap.add_argument("--only", nargs="*", help="case names to run")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--from-json", help="no runs: compare the measurements saved in this file with today's planner")
     args = ap.parse_args()
-    cases = QUICK if args.quick else GRID
+    if args.from_json:
+        return replan(json.loads(Path(args.from_json).read_text()))
+    cases = REHEARSAL if args.rehearsal else QUICK if args.quick else GRID
     if args.only:
-        cases = [c for c in GRID if c.name in args.only]
+        cases = [c for c in GRID + REHEARSAL if c.name in args.only]
     rows = []
     print(f"{'case':26s} {'rank':>4s} {'measured MiB':>12s} {'predicted MiB':>13s} {'error':>7s} "
           f"{'peak RSS MiB':>12s}", flush=True)
@@ -157,7 +190,10 @@ def main() -> int:
             baselines[key] = (run_ranks(base_case.args(BASELINE_MODEL), case.world, args.timeout),
                               predicted(base_case, BASELINE_MODEL))
         base_rss, base_pred = baselines[key]
+        started = time.time()
         rss = run_ranks(case.args(), case.world, args.timeout)
+        print(f"# {case.name}: {time.time() - started:.0f} s for 3 steps of {case.micro * 2 * case.pp} sequences "
+              "(with start-up)", flush=True)
         pred = predicted(case)
         for rank, (r, b, p, bp) in enumerate(zip(rss, base_rss, pred, base_pred)):
             measured, want = r["peak_live"] - b["peak_live"], p - bp
@@ -167,9 +203,7 @@ def main() -> int:
                          "peak_rss_extra": rss_extra, "run": r, "baseline": b, "case_config": case.__dict__})
             print(f"{case.name:26s} {rank:4d} {measured / 2**20:12.1f} {want / 2**20:13.1f} {100 * err:+6.1f}% "
                   f"{rss_extra / 2**20:12.1f}", flush=True)
-    worst = max(abs(r["error"]) for r in rows)
-    within = sum(abs(r["error"]) <= 0.10 for r in rows)
-    print(f"\n{within}/{len(rows)} rank measurements within 10%; worst |error| {100 * worst:.1f}%")
+    print_summary(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -9,8 +9,8 @@ node. What it counts follows this code base, not a generic transformer:
   (a torch AdamW: m and v in fp32):
       precision  ZeRO  weights      grads                 master + Adam m, v (fp32)
       fp32       0     4N           4N                    8N (Adam only: the weights are fp32)
-      fp32       1     4N           4N + 4N/dp            12N/dp (DeepSpeed keeps its own fp32 copy)
-      fp32       2     4N           4N/dp + bucket        12N/dp + 4N/dp (fp32 grad partition)
+      fp32       1     4N           4N                    12N/dp (DeepSpeed keeps its own fp32 copy)
+      fp32       2     4N           4N/dp + bucket        12N/dp
       bf16/fp16  0     2N           2N + 4N (fp32 accum)  12N
       bf16/fp16  1     2N           2N + 4N/dp            12N/dp
       bf16/fp16  2     2N           2N/dp + bucket + 4N/dp 12N/dp
@@ -324,15 +324,20 @@ def model_state_bytes(n: int, lay: Layout, largest_layer: int) -> dict[str, int]
     bucket = min(DS_REDUCE_BUCKET, n) * w
     master = 4 * part if mixed else (4 * part if zero >= 1 else 0)
     adam = 8 * (part if zero >= 1 else n)
+    # The fp32 gradient partition ZeRO steps from is a separate tensor only when the gradients are
+    # narrower; in fp32 it is the reduced gradient itself (measured: benchmarks/plan_memory.py).
+    fp32_grads = 4 * part if mixed else 0
     if zero == 0:
         weights, grads, optimizer, buffers = w * n, w * n + (4 * n if mixed else 0), adam + (4 * n if mixed else 0), 0
     elif zero == 1:
-        weights, grads, optimizer, buffers = w * n, w * n + 4 * part, adam + master, 0
+        weights, grads, optimizer, buffers = w * n, w * n + fp32_grads, adam + master, 0
     elif zero == 2:
-        weights, grads, optimizer, buffers = w * n, w * part + 4 * part, adam + master, bucket
+        weights, grads, optimizer, buffers = w * n, w * part + fp32_grads, adam + master, bucket
     else:
-        gathered = min(max(largest_layer, DS_PREFETCH_BUCKET), n) * w
-        weights, grads, optimizer, buffers = w * part, w * part + 4 * part, adam + master, bucket + gathered
+        # Gathered full parameters of the layers in flight; with one DP rank the partition is the
+        # whole parameter and nothing is gathered.
+        gathered = min(max(largest_layer, DS_PREFETCH_BUCKET), n) * w if dp > 1 else 0
+        weights, grads, optimizer, buffers = w * part, w * part + fp32_grads, adam + master, bucket + gathered
     host = 0
     if lay.offload:  # parameters and optimizer state (with its fp32 gradients) live on the host
         host = optimizer + 4 * part + w * part
@@ -387,8 +392,13 @@ def host_bytes_per_node(m: ModelShape, lay: Layout, num_samples: int = 0) -> dic
     whatever num_samples is; before, each rank held an int64 permutation of every sample."""
     ranks = min(lay.gpus_per_node, lay.world)
     mem = peak_memory(m, lay)[1]
+    # Every rank builds its shard in fp32 on the host (parallel/random.py draws each parameter at
+    # its full shape, then slices it) before it moves to the device: the largest full parameter
+    # plus the fp32 shard, for a moment, on every rank at once.
+    full_layer = max(m.hidden * m.hidden, m.padded_vocab(1) * m.hidden)
+    build = ranks * (4 * max(stage_params(m, lay.tensor, lay.pipeline, lay.partition)) + 4 * full_layer)
     return {"process_baseline": int(ranks * HOST_BASELINE_GIB * GIB), "offload": ranks * mem.host_offload,
-            "data_order": 0, "data_order_before": ranks * 8 * num_samples}
+            "model_build": build, "data_order": 0, "data_order_before": ranks * 8 * num_samples}
 
 
 # ----------------------------------------------------------------------------- time and traffic

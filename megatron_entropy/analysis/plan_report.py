@@ -86,7 +86,8 @@ def print_report(r: dict, name: str) -> None:
     print(f"  sent per rank per step: TP {gib(c['tp'])} GiB, PP {gib(c['pp'])} GiB, DP {gib(c['dp'])} GiB")
     h = r["host_per_node"]
     print(f"  host per node: {gib(h['process_baseline'])} GiB processes (assumed {plan.HOST_BASELINE_GIB:g} per rank), "
-          f"{gib(h['offload'])} GiB offloaded state, data order O(1) "
+          f"{gib(h['offload'])} GiB offloaded state, {gib(h['model_build'])} GiB while building the model (fp32), "
+          f"data order O(1) "
           f"(a materialised permutation would be {gib(h['data_order_before'])} GiB)")
 
 
