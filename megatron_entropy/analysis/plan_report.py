@@ -64,13 +64,15 @@ def print_report(r: dict, name: str) -> None:
           f"{[f'{n / 1e6:.1f} M' for n in r['params_per_rank_by_stage']]} (layers {r['layers_by_stage']})")
     header = ["GiB per device"] + [f"ZeRO-{z}" for z in r["memory_by_zero"]]
     rows = [[cat] + [gib(m[cat]) for m in r["memory_by_zero"].values()]
-            for cat in ("weights", "gradients", "optimizer", "zero_buffers", "activations", "transient", "host_offload")]
+            for cat in ("weights", "gradients", "optimizer", "zero_buffers", "activations", "transient",
+                        "host_offload")]
     rows.append(["total (device)"] + [gib(m["weights"] + m["gradients"] + m["optimizer"] + m["zero_buffers"]
                                           + m["activations"] + m["transient"]) for m in r["memory_by_zero"].values()])
     _table(header, rows)
     print("  peak GiB per device, other settings (same layout and micro-batch):")
     cols = list(next(iter(r["grid"].values())))
-    _table(["setting"] + cols, [[k] + ["-" if v is None else gib(v) for v in row.values()] for k, row in r["grid"].items()])
+    _table(["setting"] + cols,
+           [[k] + ["-" if v is None else gib(v) for v in row.values()] for k, row in r["grid"].items()])
     terms = r["memory"]["terms"]
     print("  one layer's saved activations, MiB: " + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in terms.items() if v))
     verdict = "FITS" if r["fits"] else "DOES NOT FIT"
@@ -94,7 +96,8 @@ def print_report(r: dict, name: str) -> None:
 def _table(header, rows) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in [header, *rows]:
-        print("    " + "  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths))))
+        cells = (str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths)))
+        print("    " + "  ".join(cells))
 
 
 def print_search(rows: list[dict], limit: int = 15) -> None:

@@ -6,7 +6,8 @@ first input of sample i+1). Documents are separated by EOS, not padded.
 
 `GlobalBatchSampler` decides which samples form each global batch: a fresh permutation per epoch
 from (seed, epoch), evaluated on the fly (data/order.py, O(1) memory per rank), so the order
-depends only on (seed, num_samples) and the number of samples consumed so far. A resumed run given the same state continues with exactly the same indices,
+depends only on (seed, num_samples) and the number of samples consumed so far. A resumed run
+given the same state continues with exactly the same indices,
 and `slice_for_rank` splits one global batch over data-parallel ranks and micro-batches
 without changing which samples the global batch holds.
 """

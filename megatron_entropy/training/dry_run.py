@@ -43,7 +43,8 @@ def validate_deepspeed(cfg: Config, ds_path: str | None, world_size: int) -> dic
     merged = build_ds_config(cfg, load_ds_config(ds_path), world_size, source=ds_path or "the DeepSpeed config")
     # DeepSpeed checks batch = micro x accumulation x its world size, which is 1 without a process
     # group; build_ds_config already checked that product against the real data-parallel size.
-    single = dict(merged, train_batch_size=merged["train_micro_batch_size_per_gpu"] * merged["gradient_accumulation_steps"])
+    single = dict(merged, train_batch_size=merged["train_micro_batch_size_per_gpu"]
+                  * merged["gradient_accumulation_steps"])
     try:
         DeepSpeedConfig(single)
     except Exception as e:  # noqa: BLE001 -- DeepSpeed raises assertion / pydantic / value errors
