@@ -307,13 +307,15 @@ class Memory:
     optimizer: int
     zero_buffers: int
     activations: int
-    transient: int
+    transient: int  # peak minus the categories above, when positive (the LM head's workspace, ...)
+    not_coexisting: int = 0  # bytes of the categories above that are never allocated at once
     host_offload: int = 0
     terms: dict = field(default_factory=dict)
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.zero_buffers + self.activations + self.transient
+        return (self.weights + self.gradients + self.optimizer + self.zero_buffers + self.activations
+                + self.transient - self.not_coexisting)
 
 
 def model_state_bytes(n: int, lay: Layout, largest_layer: int) -> dict[str, int]:
@@ -338,11 +340,13 @@ def model_state_bytes(n: int, lay: Layout, largest_layer: int) -> dict[str, int]
         # whole parameter and nothing is gathered.
         gathered = min(max(largest_layer, DS_PREFETCH_BUCKET), n) * w if dp > 1 else 0
         weights, grads, optimizer, buffers = w * part, w * part + fp32_grads, adam + master, bucket + gathered
+    lp_grads = (w * n if zero <= 1 else w * part) if mixed else 0  # the 16-bit gradients
     host = 0
     if lay.offload:  # parameters and optimizer state (with its fp32 gradients) live on the host
         host = optimizer + 4 * part + w * part
         optimizer, grads, weights = 0, w * part, 0
-    return {"weights": weights, "gradients": grads, "optimizer": optimizer, "zero_buffers": buffers, "host": host}
+    return {"weights": weights, "gradients": grads, "optimizer": optimizer, "zero_buffers": buffers, "host": host,
+            "lp_grads": lp_grads}
 
 
 def memory(m: ModelShape, lay: Layout, stage: int = 0) -> Memory:
@@ -354,13 +358,23 @@ def memory(m: ModelShape, lay: Layout, stage: int = 0) -> Memory:
     acts = activation_bytes(m, lay, layers, in_flight)
     has_head = stage == lay.pipeline - 1
     kept = acts["layers"] + (acts["head"] if has_head else 0)
-    # The fused optimizer step's temporaries (one fp32 copy of the local partition) come when the
-    # activations are gone; the head's workspace comes at the end of the forward.
-    step_tmp = 4 * (n if lay.zero == 0 else -(-n // lay.dp)) if not lay.offload else 0
-    transient = max(acts["head_transient"] if has_head else 0, step_tmp - kept)
+    static = state["weights"] + state["gradients"] + state["optimizer"] + state["zero_buffers"]
+    # DeepSpeed's bf16/fp16 optimizers set the 16-bit gradients to None after each step, so they
+    # only exist from the backward on, while the activations are being freed: they meet the
+    # activations of at most one layer (the fp32 gradients, as measured, stay allocated).
+    lp_grads = state["lp_grads"]
+    one_layer = sum(layer_activation_bytes(m, lay).values()) if layers else 0
+    forward_end = static - lp_grads + kept + (acts["head_transient"] if has_head else 0)
+    backward_end = static + min(kept, one_layer)
+    # The optimizer step's temporaries (one fp32 copy of the local partition) come when the
+    # activations are gone.
+    step = static + (4 * (n if lay.zero == 0 else -(-n // lay.dp)) if not lay.offload else 0)
+    peak = max(forward_end, backward_end, step)
+    listed = static + kept
     return Memory(params=n, weights=state["weights"], gradients=state["gradients"], optimizer=state["optimizer"],
-                  zero_buffers=state["zero_buffers"], activations=kept, transient=max(transient, 0),
-                  host_offload=state["host"], terms=layer_activation_bytes(m, lay))
+                  zero_buffers=state["zero_buffers"], activations=kept, transient=max(peak - listed, 0),
+                  not_coexisting=max(listed - peak, 0), host_offload=state["host"],
+                  terms=layer_activation_bytes(m, lay))
 
 
 def peak_memory(m: ModelShape, lay: Layout) -> tuple[int, Memory]:

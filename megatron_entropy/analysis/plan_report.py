@@ -65,9 +65,10 @@ def print_report(r: dict, name: str) -> None:
     header = ["GiB per device"] + [f"ZeRO-{z}" for z in r["memory_by_zero"]]
     rows = [[cat] + [gib(m[cat]) for m in r["memory_by_zero"].values()]
             for cat in ("weights", "gradients", "optimizer", "zero_buffers", "activations", "transient",
-                        "host_offload")]
-    rows.append(["total (device)"] + [gib(m["weights"] + m["gradients"] + m["optimizer"] + m["zero_buffers"]
-                                          + m["activations"] + m["transient"]) for m in r["memory_by_zero"].values()])
+                        "not_coexisting", "host_offload")]
+    rows.append(["peak (device)"] + [gib(m["weights"] + m["gradients"] + m["optimizer"] + m["zero_buffers"]
+                                         + m["activations"] + m["transient"] - m["not_coexisting"])
+                                     for m in r["memory_by_zero"].values()])
     _table(header, rows)
     print("  peak GiB per device, other settings (same layout and micro-batch):")
     cols = list(next(iter(r["grid"].values())))
