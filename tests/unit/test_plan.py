@@ -96,7 +96,8 @@ def test_activation_count_matches_the_saved_tensors(variant, core, precision, mi
 def test_model_state_bytes_follow_the_zero_table():
     n, lay = 1000, plan.Layout(nodes=1, gpus_per_node=4, zero=0, micro_batch=1, global_batch=4)
     by_zero = [plan.model_state_bytes(n, plan.Layout(**{**lay.__dict__, "zero": z}), 10) for z in range(4)]
-    totals = [sum(v for k, v in s.items() if k != "host") for s in by_zero]
+    totals = [sum(v for k, v in s.items() if k not in ("host", "lp_grads")) for s in by_zero]
+    assert [s["lp_grads"] for s in by_zero] == [2 * n, 2 * n, 2 * n // 4, 2 * n // 4]  # cleared every step
     bucket = n * 2
     assert totals[0] == 2 * n + 2 * n + 4 * n + 12 * n
     assert totals[1] == 2 * n + 2 * n + 16 * n // 4
