@@ -40,7 +40,8 @@ from megatron_entropy.config import build_config  # noqa: E402
 
 DATA = ["--data.corpus_max_bytes", "300000", "--data.tokenizer_vocab_size", "512"]
 QUIET = ["--logging.wandb", "off", "--logging.figures", "false", "--logging.progress_bar", "false",
-         "--train.save_dir", "", "--train.eval_interval", "0", "--train.eval_iters", "1", "--logging.log_interval", "1"]
+         "--train.save_dir", "", "--train.eval_interval", "0", "--train.eval_iters", "1", "--logging.log_interval", "1",
+         "--train.lr", "3e-4"]  # the tiny preset's 3e-3 diverges at these widths (memory does not depend on it)
 BASELINE_MODEL = {"num_layers": 1, "hidden_size": 16, "num_heads": 4}
 
 
@@ -170,7 +171,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rehearsal", action="store_true", help="the 1b width rehearsal (a few minutes per run)")
     ap.add_argument("--only", nargs="*", help="case names to run")
-    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--json", help="write the rows here (after every case)")
+    ap.add_argument("--append", action="store_true", help="add to the rows already in --json")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--from-json", help="no runs: compare the measurements saved in this file with today's planner")
     args = ap.parse_args()
@@ -180,6 +182,8 @@ def main() -> int:
     if args.only:
         cases = [c for c in GRID + REHEARSAL if c.name in args.only]
     rows = []
+    keep = args.json and args.append and Path(args.json).exists()
+    previous = json.loads(Path(args.json).read_text()) if keep else []
     print(f"{'case':26s} {'rank':>4s} {'measured MiB':>12s} {'predicted MiB':>13s} {'error':>7s} "
           f"{'peak RSS MiB':>12s}", flush=True)
     baselines = {}
@@ -203,9 +207,9 @@ def main() -> int:
                          "peak_rss_extra": rss_extra, "run": r, "baseline": b, "case_config": case.__dict__})
             print(f"{case.name:26s} {rank:4d} {measured / 2**20:12.1f} {want / 2**20:13.1f} {100 * err:+6.1f}% "
                   f"{rss_extra / 2**20:12.1f}", flush=True)
+        if args.json:  # after every case: a long grid that stops half-way keeps what it measured
+            Path(args.json).write_text(json.dumps(previous + rows, indent=1))
     print_summary(rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 
