@@ -45,6 +45,11 @@ QUIET = ["--logging.wandb", "off", "--logging.figures", "false", "--logging.prog
 BASELINE_MODEL = {"num_layers": 1, "hidden_size": 16, "num_heads": 4}
 
 
+def baseline_model(case) -> dict:
+    """The negligible model of a case's baseline run: one layer per pipeline stage."""
+    return dict(BASELINE_MODEL, num_layers=case.pp)
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -55,6 +60,7 @@ class Case:
     micro: int = 2
     tp: int = 1
     pp: int = 1
+    dp: int = 1
     zero: int = 0
     precision: str = "fp32"
     recompute: bool = False
@@ -63,7 +69,7 @@ class Case:
 
     @property
     def world(self) -> int:
-        return self.tp * self.pp
+        return self.tp * self.pp * self.dp
 
     def args(self, model: dict | None = None) -> list[str]:
         m = {"num_layers": self.layers, "hidden_size": self.hidden, "num_heads": self.heads, **(model or {})}
@@ -74,7 +80,8 @@ class Case:
         out += ["--model.seq_length", str(self.seq), "--model.variant", self.variant,
                 "--model.attention_core", self.core, "--parallel.tensor", str(self.tp),
                 "--parallel.pipeline", str(self.pp), "--parallel.activation_checkpointing", str(self.recompute).lower(),
-                "--train.micro_batch_size", str(self.micro), "--train.global_batch_size", str(self.micro * steps),
+                "--train.micro_batch_size", str(self.micro),
+                "--train.global_batch_size", str(self.micro * steps * self.dp),
                 "--train.precision", self.precision, "--train.max_steps", "3", "--train.warmup_steps", "1"]
         return out + DATA + QUIET
 
@@ -93,6 +100,10 @@ GRID = [
     Case("TP2", tp=2),
     Case("TP2 ZeRO-1 recompute", tp=2, zero=1, recompute=True),
     Case("PP2", pp=2),
+    Case("DP2 ZeRO-1", dp=2, zero=1),
+    Case("DP2 ZeRO-2", dp=2, zero=2),
+    Case("DP2 ZeRO-3", dp=2, zero=3),
+    Case("DP2 bf16 ZeRO-1", dp=2, zero=1, precision="bf16"),
 ]
 QUICK = [GRID[0], GRID[1], GRID[10]]
 # The 1b preset's full width and sequence (d 2560, 20 heads, T 2048) with 2 of its 28 layers, TP2,
@@ -138,7 +149,8 @@ def predicted(case: Case, model: dict | None = None) -> list[int]:
     lay = plan.Layout(nodes=1, gpus_per_node=case.world, tensor=case.tp, pipeline=case.pp, zero=case.zero,
                       micro_batch=case.micro, global_batch=cfg.train.global_batch_size, precision=case.precision,
                       recompute=case.recompute, core=case.core, device="cpu")
-    return [plan.memory(shape, lay, stage).total for stage in range(case.pp) for _ in range(case.tp)]
+    # DeepSpeed's topology orders ranks (pipe, data, model): TP fastest, then DP, then the stage.
+    return [plan.memory(shape, lay, stage).total for stage in range(case.pp) for _ in range(case.dp * case.tp)]
 
 
 def replan(rows: list[dict]) -> int:
@@ -146,7 +158,7 @@ def replan(rows: list[dict]) -> int:
     for row in rows:
         case = Case(**row["case_config"])
         base = replace(case, recompute=False)
-        want = predicted(case)[row["rank"]] - predicted(base, BASELINE_MODEL)[row["rank"]]
+        want = predicted(case)[row["rank"]] - predicted(base, baseline_model(case))[row["rank"]]
         row.update(predicted=want, error=(want - row["measured"]) / row["measured"])
     print_rows(rows)
     return 0
@@ -188,11 +200,11 @@ def main() -> int:
           f"{'peak RSS MiB':>12s}", flush=True)
     baselines = {}
     for case in cases:
-        key = (case.world, case.tp, case.pp, case.zero, case.precision)
+        key = (case.world, case.tp, case.pp, case.dp, case.zero, case.precision)
         if key not in baselines:  # the same launch with a negligible model
             base_case = replace(case, recompute=False)
-            baselines[key] = (run_ranks(base_case.args(BASELINE_MODEL), case.world, args.timeout),
-                              predicted(base_case, BASELINE_MODEL))
+            baselines[key] = (run_ranks(base_case.args(baseline_model(case)), case.world, args.timeout),
+                              predicted(base_case, baseline_model(case)))
         base_rss, base_pred = baselines[key]
         started = time.time()
         rss = run_ranks(case.args(), case.world, args.timeout)
