@@ -358,6 +358,11 @@ def memory(m: ModelShape, lay: Layout, stage: int = 0) -> Memory:
     acts = activation_bytes(m, lay, layers, in_flight)
     has_head = stage == lay.pipeline - 1
     kept = acts["layers"] + (acts["head"] if has_head else 0)
+    if lay.pipeline > 1:
+        # DeepSpeed's pipeline engine keeps each buffered micro-batch's stage output (max(2, in
+        # flight) buffers, TrainSchedule.num_pipe_buffers) and one receive buffer each for the
+        # activations and the gradients, [b, T, d] apiece.
+        kept += (max(2, in_flight) + 2) * lay.micro_batch * m.seq * m.hidden * BYTES[lay.precision]
     static = state["weights"] + state["gradients"] + state["optimizer"] + state["zero_buffers"]
     # DeepSpeed's bf16/fp16 optimizers set the 16-bit gradients to None after each step, so they
     # only exist from the backward on, while the activations are being freed: they meet the
