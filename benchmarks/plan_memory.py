@@ -186,10 +186,11 @@ def main() -> int:
     ap.add_argument("--json", help="write the rows here (after every case)")
     ap.add_argument("--append", action="store_true", help="add to the rows already in --json")
     ap.add_argument("--timeout", type=float, default=900)
-    ap.add_argument("--from-json", help="no runs: compare the measurements saved in this file with today's planner")
+    ap.add_argument("--from-json", nargs="+", metavar="FILE",
+                    help="no runs: compare the measurements saved in these files with today's planner")
     args = ap.parse_args()
     if args.from_json:
-        return replan(json.loads(Path(args.from_json).read_text()))
+        return replan([row for f in args.from_json for row in json.loads(Path(f).read_text())])
     cases = REHEARSAL if args.rehearsal else QUICK if args.quick else GRID
     if args.only:
         cases = [c for c in GRID + REHEARSAL if c.name in args.only]
