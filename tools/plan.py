@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megatron_entropy.analysis import plan  # noqa: E402
+from megatron_entropy.analysis import plan, plan_speed  # noqa: E402
 from megatron_entropy.analysis.cli import OneLineParser, fail, split_overrides  # noqa: E402
 from megatron_entropy.analysis.plan_report import GPUS, print_report, print_search, report  # noqa: E402
 from megatron_entropy.config import ConfigError, build_config  # noqa: E402
@@ -96,7 +96,7 @@ def main(argv: list[str]) -> int:
              "(or pass --search for the layouts that work)")
     peak = args.peak_tflops or plan.GPU_PEAK_TFLOPS.get(args.gpu, 1.0)
     r = report(cfg, lay, args.mfu, peak)
-    rows = plan.search(plan.ModelShape.from_model_config(cfg.model), lay, r["flops_per_token"], peak, args.mfu) \
+    rows = plan_speed.search(plan.ModelShape.from_model_config(cfg.model), lay, r["flops_per_token"], peak, args.mfu) \
         if args.search else []
     if args.json:
         if args.search:

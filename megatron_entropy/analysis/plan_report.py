@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, replace
 
-from megatron_entropy.analysis import plan
+from megatron_entropy.analysis import plan, plan_speed
 from megatron_entropy.analysis.flops import training_flops_per_token
 
 # nvidia-smi's total memory of each part, in GiB.
@@ -36,7 +36,7 @@ def report(cfg, lay: plan.Layout, mfu: float, peak: float) -> dict:
         alt = replace(lay, zero=zero, offload=lay.offload and zero == 3)
         if not alt.problem(m):
             by_zero[zero] = asdict(plan.peak_memory(m, alt)[1])
-    est = plan.step_estimate(m, lay, flops, peak, mfu)
+    est = plan_speed.step_estimate(m, lay, flops, peak, mfu)
     step = est["step_s"]
     return {
         "layout": asdict(lay), "problem": lay.problem(m), "params_total": plan.total_params(m),
@@ -47,7 +47,7 @@ def report(cfg, lay: plan.Layout, mfu: float, peak: float) -> dict:
         "largest_micro_batch": plan.largest_micro_batch(m, lay),
         "tokens_per_step": lay.global_batch * m.seq, "flops_per_token": flops,
         "mfu": mfu, "peak_tflops": peak, "step_s": step, "step": est, "tokens_per_s": lay.global_batch * m.seq / step,
-        "communication": plan.communication_bytes(m, lay),
+        "communication": plan_speed.communication_bytes(m, lay),
         "host_per_node": plan.host_bytes_per_node(m, lay, cfg.train.max_steps * lay.global_batch),
     }
 
@@ -84,8 +84,8 @@ def print_report(r: dict, name: str) -> None:
     print(f"  tokens per step {r['tokens_per_step']:,}; training FLOPs per token {r['flops_per_token'] / 1e9:.2f} G; "
           f"step {r['step_s']:.2f} s ({r['tokens_per_s'] / 1e3:.0f} k tokens/s): compute {st['compute_s']:.2f} s at "
           f"MFU {r['mfu']:.2f} of {r['peak_tflops']:g} TFLOP/s, exposed communication TP {st['comm_s']['tp']:.2f} s "
-          f"+ DP {st['comm_s']['dp']:.2f} s + PP {st['comm_s']['pp']:.2f} s (at {plan.INTRA_NODE_GBPS:g} GB/s in a "
-          f"node, {plan.INTER_NODE_GBPS:g} GB/s across)")
+          f"+ DP {st['comm_s']['dp']:.2f} s + PP {st['comm_s']['pp']:.2f} s (at {plan_speed.INTRA_NODE_GBPS:g} GB/s in a "
+          f"node, {plan_speed.INTER_NODE_GBPS:g} GB/s across)")
     print(f"  sent per rank per step: TP {gib(c['tp'])} GiB, PP {gib(c['pp'])} GiB, DP {gib(c['dp'])} GiB")
     h = r["host_per_node"]
     print(f"  host per node: {gib(h['process_baseline'])} GiB processes (assumed {plan.HOST_BASELINE_GIB:g} per rank), "
