@@ -9,6 +9,10 @@
 Options: --config PRESET_OR_YAML (default tiny), --deepspeed DS_CONFIG.json, and any config key as
 --section.key VALUE (see docs/configuration.md or --help-config). Bad input exits with code 2 and
 one line saying what to fix.
+
+    python train.py --config 1b --deepspeed ds_configs/zero1.json --dry-run --world-size 32 [--gpu h200]
+validates everything, builds the model on the meta device, prints the per-rank parameters and the
+planner's memory / step-time estimate (docs/planning.md) and exits 0: run it before `sbatch`.
 """
 
 from __future__ import annotations
@@ -47,6 +51,22 @@ def split_args(argv: list[str]):
     return preset, ds_config, overrides
 
 
+def take_dry_run_options(argv: list[str]):
+    """(None or {'world_size': int | None, 'gpu': str}, the other arguments) for --dry-run."""
+    if "--dry-run" not in argv:
+        return None, argv
+    rest, options, i = [], {"world_size": None, "gpu": "h100"}, 0
+    while i < len(argv):
+        if argv[i] in ("--world-size", "--gpu") and i + 1 < len(argv):
+            options[argv[i][2:].replace("-", "_")] = argv[i + 1]
+            i += 2
+            continue
+        if argv[i] != "--dry-run":
+            rest.append(argv[i])
+        i += 1
+    return options, rest
+
+
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr, flush=True)
     return 2
@@ -68,10 +88,17 @@ def main(argv: list[str]) -> int:
     from megatron_entropy.training.checkpoint import CheckpointError
 
     try:
+        dry_run, argv = take_dry_run_options(argv)
         preset, ds_config, overrides = split_args(argv)
         cfg = build_config(preset, overrides)
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE",
                                                                 os.environ.get("SLURM_NTASKS", "1"))))
+        if dry_run:
+            from megatron_entropy.training.dry_run import check_options, dry_run as plan_run
+
+            world = check_options(dry_run, world)
+            cfg.validate(world_size=world)
+            return plan_run(cfg, ds_config, world, gpu=dry_run["gpu"])
         cfg.validate(world_size=world)
         if ds_config:
             from megatron_entropy.training.engine import build_ds_config, load_ds_config

@@ -15,8 +15,9 @@ Document boundaries come from the shards' .idx (not from EOS tokens, which a for
 name), or from EOS where the index holds a whole shard as one document (IndexedTokens).
 
 `GlobalBatchSampler` decides which samples form each global batch: a fresh permutation per epoch
-from (seed, epoch), so the order depends only on (seed, num_samples) and the number of samples
-consumed so far. A resumed run given the same state continues with exactly the same indices,
+from (seed, epoch), evaluated on the fly (data/order.py, O(1) memory per rank), so the order
+depends only on (seed, num_samples) and the number of samples consumed so far. A resumed run
+given the same state continues with exactly the same indices,
 and `slice_for_rank` splits one global batch over data-parallel ranks and micro-batches
 without changing which samples the global batch holds.
 """
@@ -29,6 +30,7 @@ import numpy as np
 
 from megatron_entropy.data import DataError
 from megatron_entropy.data.indexed import IndexedTokens
+from megatron_entropy.data.order import SeededPermutation
 
 PACKINGS = ("stream", "per_document")
 DOCUMENT_ATTENTIONS = ("cross", "within")
@@ -181,36 +183,50 @@ class Batch:
 
 
 class GlobalBatchSampler:
-    """Deterministic global batches of sample indices across epochs.
+    """Deterministic global batches of sample indices across epochs, in O(1) memory per rank.
 
-    Epoch e visits all samples in the order np.random.default_rng([seed, e]).permutation(n).
-    Batches run straight across epoch boundaries, so every global batch is full.
+    Epoch e visits all samples in the order SeededPermutation(n, [seed, e]) (data/order.py): a
+    seeded bijection of range(n) evaluated only at the positions a batch needs, so no rank stores
+    an order of the corpus. Batches run straight across epoch boundaries, so every global batch is
+    full. `order="permutation"` is the earlier materialised np.random permutation, kept so that a
+    checkpoint saved with it resumes with the very same order (its state has no "order" key).
     """
 
+    ORDERS = ("feistel", "permutation")
+
     def __init__(self, num_samples: int, global_batch_size: int, seed: int,
-                 consumed_samples: int = 0):
+                 consumed_samples: int = 0, order: str = "feistel"):
         if num_samples < 1:
             raise DataError(f"num_samples must be >= 1, got {num_samples}")
         if global_batch_size < 1:
             raise DataError(f"global_batch_size must be >= 1, got {global_batch_size}")
         if consumed_samples < 0:
             raise DataError(f"consumed_samples must be >= 0, got {consumed_samples}")
+        if order not in self.ORDERS:
+            raise DataError(f"sampler order {order!r} must be one of {', '.join(self.ORDERS)}")
         self.num_samples = int(num_samples)
         self.global_batch_size = int(global_batch_size)
         self.seed = int(seed)
         self.consumed_samples = int(consumed_samples)
+        self.order = order
         self._epoch = -1
-        self._order = None
+        self._epoch_order = None  # the epoch's SeededPermutation, or its materialised permutation
 
     @property
     def epoch(self) -> int:
         return self.consumed_samples // self.num_samples
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:  # keep one permutation: batches move through epochs in order
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+    def _positions(self, epoch: int, start: int, stop: int) -> np.ndarray:
+        """Sample indices at positions [start, stop) of epoch `epoch`'s order."""
+        if epoch != self._epoch:  # batches move through epochs in order: keep one epoch's order
+            if self.order == "feistel":
+                self._epoch_order = SeededPermutation(self.num_samples, [self.seed, epoch])
+            else:
+                self._epoch_order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
             self._epoch = epoch
-        return self._order
+        if self.order == "feistel":
+            return self._epoch_order[np.arange(start, stop, dtype=np.int64)]
+        return self._epoch_order[start:stop]
 
     def next_global_batch(self) -> np.ndarray:
         """The next global_batch_size sample indices (int64); advances consumed_samples."""
@@ -218,7 +234,7 @@ class GlobalBatchSampler:
         needed = self.global_batch_size
         while needed:
             epoch, position = divmod(self.consumed_samples, self.num_samples)
-            taken = self._epoch_order(epoch)[position:position + needed]
+            taken = self._positions(epoch, position, min(self.num_samples, position + needed))
             batch.append(taken)
             self.consumed_samples += taken.size
             needed -= taken.size
@@ -226,16 +242,23 @@ class GlobalBatchSampler:
 
     def state_dict(self) -> dict:
         return {"num_samples": self.num_samples, "global_batch_size": self.global_batch_size,
-                "seed": self.seed, "consumed_samples": self.consumed_samples}
+                "seed": self.seed, "consumed_samples": self.consumed_samples, "order": self.order}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved state. The global batch size may change (e.g. batch ramp-up);
-        a different seed or number of samples would not be a continuation, so it is an error."""
+        a different seed or number of samples would not be a continuation, so it is an error.
+        A state without "order" was saved before the O(1) order: it continues with its own."""
         for key in ("num_samples", "seed"):
             if int(state[key]) != getattr(self, key):
                 raise DataError(f"sampler state has {key}={state[key]} but this run has "
                                 f"{key}={getattr(self, key)}; resume with the same data and seed "
                                 "or start without the saved data state")
+        order = state.get("order", "permutation")
+        if order not in self.ORDERS:
+            raise DataError(f"sampler state has order={order!r}, which this version does not know; "
+                            f"resume with the version that wrote it or start without the saved data state")
+        if order != self.order:
+            self.order, self._epoch, self._epoch_order = order, -1, None
         self.consumed_samples = int(state["consumed_samples"])
 
 
