@@ -28,7 +28,7 @@ from megatron_entropy.parallel.state import ParallelState
 from megatron_entropy.training import checkpoint, pipeline, resilience
 from megatron_entropy.training.distributed import DistInfo
 from megatron_entropy.training.engine import build_ds_config, initialize, load_ds_config, zero_stage
-from megatron_entropy.training.metrics import MetricsLogger
+from megatron_entropy.training.metrics import MetricsLogger, perplexity
 from megatron_entropy.training.summaries import parameter_summaries
 
 
@@ -227,7 +227,7 @@ def run(cfg: Config, ds_config_path: str | None, info: DistInfo) -> dict:
     if resume_plan is not None and resume_plan.converted and data.valid is not None:
         # Weights came through the shard spec: show they reproduce the saved model's validation loss.
         val = evaluate(engine, model, data.valid, cfg, state, info.device)
-        logger.log({"kind": "eval", "step": start_step, "val_loss": val, "val_ppl": math.exp(val), "resume_check": True})
+        logger.log({"kind": "eval", "step": start_step, "val_loss": val, "val_ppl": perplexity(val), "resume_check": True})
         say(f"resume check: validation loss {val:.6f} at step {start_step}")
 
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
@@ -266,8 +266,8 @@ def run(cfg: Config, ds_config_path: str | None, info: DistInfo) -> dict:
         if data.valid is not None and cfg.train.eval_interval and step % cfg.train.eval_interval == 0 \
                 and step != cfg.train.max_steps:
             last_val = evaluate(engine, model, data.valid, cfg, state, info.device)
-            logger.log({"kind": "eval", "step": step, "val_loss": last_val, "val_ppl": math.exp(last_val)})
-            logger.console(f"step {step}: validation loss {last_val:.4f}, perplexity {math.exp(last_val):.2f}")
+            logger.log({"kind": "eval", "step": step, "val_loss": last_val, "val_ppl": perplexity(last_val)})
+            logger.console(f"step {step}: validation loss {last_val:.4f}, perplexity {perplexity(last_val):.2f}")
         harness.after_step(step, model, logger)  # downstream evaluation when due (rank 0)
         if save_dir and cfg.train.save_interval and step % cfg.train.save_interval == 0 and step != cfg.train.max_steps:
             checkpoint.save(engine, save_dir, step, sampler, cfg, data, state, say)
@@ -284,9 +284,9 @@ def run(cfg: Config, ds_config_path: str | None, info: DistInfo) -> dict:
         model.stats.active = True  # the final heatmap uses validation data (ambiguity A14)
         last_val = evaluate(engine, model, data.valid, cfg, state, info.device)
         model.stats.active = False
-        final.update(val_loss=last_val, val_ppl=math.exp(last_val))
+        final.update(val_loss=last_val, val_ppl=perplexity(last_val))
         final["entropy"] = model.stats.reduce(state)["entropy"]
-        logger.log({"kind": "eval", "step": step, "val_loss": last_val, "val_ppl": math.exp(last_val)})
+        logger.log({"kind": "eval", "step": step, "val_loss": last_val, "val_ppl": perplexity(last_val)})
     if save_dir:
         checkpoint.save(engine, save_dir, step, sampler, cfg, data, state, say)
     logger.log(final)
@@ -295,7 +295,7 @@ def run(cfg: Config, ds_config_path: str | None, info: DistInfo) -> dict:
     logger.close()
     guard.flag.restore()  # the signal handlers this run installed
     if is_logger and last_val is not None:
-        print(f"final validation loss {last_val:.4f} | perplexity {math.exp(last_val):.2f} | "
+        print(f"final validation loss {last_val:.4f} | perplexity {perplexity(last_val):.2f} | "
               f"{final['wall_s']:.1f}s | metrics {run_dir / 'metrics.jsonl'}", flush=True)
     return final
 

@@ -13,6 +13,11 @@ import sys
 from pathlib import Path
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), inf instead of OverflowError when a diverged run's loss is past exp's range."""
+    return math.exp(loss) if not loss > 709.0 else math.inf
+
+
 def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else (1e308 if value > 0 else -1e308)

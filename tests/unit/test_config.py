@@ -82,3 +82,13 @@ def test_parse_overrides_none_and_equals():
     assert cfg.train.inject_nan_at == "5:1" and cfg.model.variant == "SM" and cfg.train.lr == 1e-4
     assert cfg.train.save_dir == "" and cfg.data.tokenizer is None
     assert build_config("tiny", ["--data.train_data", "[a, b]"]).data.train_data == ["a", "b"]
+
+
+def test_perplexity_of_a_diverged_loss_is_inf_not_an_error():
+    import math
+
+    from megatron_entropy.training.metrics import perplexity
+
+    assert perplexity(2.0) == math.exp(2.0)
+    assert perplexity(1e4) == math.inf
+    assert math.isnan(perplexity(float("nan")))
