@@ -86,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         if not (out / "runs").is_dir():
             fail(f"{out / 'runs'} does not exist; --report-only needs the --out directory of an earlier study")
-        outcomes = [study.load_outcome(r, out) for r in study.plan(settings)]
-        report = study_report.write_report(out, [study.summarize_run(o) for o in outcomes], settings, None)
+        planned = study.plan(settings)
+        finished = [r for r in planned if (out / "runs" / r.name / "study_run.json").is_file()]
+        missing = [r.name for r in planned if r not in finished]  # a study cut short: report what ran
+        outcomes = [study.load_outcome(r, out) for r in finished]
+        report = study_report.write_report(out, [study.summarize_run(o) for o in outcomes], settings, None,
+                                           missing=missing)
         print(f"report: {report}")
         return 0
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -162,8 +162,10 @@ def sensitivity_table(by: dict, settings: StudySettings) -> list[str]:
 
 # ----------------------------------------------------------------------------- the report
 
-def write_report(out_dir: Path, summaries: list[dict], settings: StudySettings, total_s: float | None) -> Path:
-    """report.md; total_s is the study's wall time (None: rewritten later from finished runs)."""
+def write_report(out_dir: Path, summaries: list[dict], settings: StudySettings, total_s: float | None,
+                 missing: list[str] = ()) -> Path:
+    """report.md; total_s is the study's wall time (None: rewritten later from finished runs);
+    `missing` names planned runs that never finished (a study cut short), said at the top."""
     out_dir = Path(out_dir)
     by = group(summaries)
     run_total = sum(s["wall_s"] for s in summaries if math.isfinite(s["wall_s"]))
@@ -178,7 +180,11 @@ def write_report(out_dir: Path, summaries: list[dict], settings: StudySettings, 
              "Entropies are per-head means over query positions on the validation data of the final model. Bins are "
              "relative to the model's largest head entropy m (paper Fig. 2a): top = [3m/4, m], bottom = [0, m/4). "
              "Early layers = the first half, deep = the rest. Intervals: mean ± 95 % t-interval over seeds; "
-             "differences: Welch's t-test.", "", "## Findings", ""]
+             "differences: Welch's t-test.", ""]
+    if missing:
+        lines += [f"**Incomplete: {len(summaries)} of {len(summaries) + len(missing)} planned runs finished**; not run: "
+                  f"{', '.join(missing)}. Arms with fewer than 2 seeds have no interval.", ""]
+    lines += ["## Findings", ""]
     for f in findings(by):
         lines += [f"### {f['name']}: **{f['verdict']}**", "", *[f"- {line}" for line in f["lines"]], ""]
     lines += [f"Rules: {VERDICT_RULES}", "", "## Main comparison", "", *main_table(by, labels), ""]
