@@ -26,12 +26,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torch_build_tag() -> str:
+    """torch's per-interpreter extension subdirectory, e.g. py311_cpu (torch.utils.cpp_extension)."""
+    import torch
+
+    device = "cpu" if torch.version.cuda is None else f"cu{torch.version.cuda.replace('.', '')}"
+    return f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_{device}"
+
+
 def base_env(cache_dir: Path) -> dict:
     env = dict(os.environ)
     # XDG_CACHE_HOME points the data cache at the test's copy; torch's extension cache must stay
     # where setup.sh built DeepSpeed's shm op, or every test process would recompile it (~30 s).
+    # Without TORCH_EXTENSIONS_DIR torch builds in <cache>/torch_extensions/py<ver>_<cpu|cuXY>;
+    # with it, directly inside it -- so the default has to name that subdirectory.
     extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions", _torch_build_tag())
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                XDG_CACHE_HOME=str(cache_dir), TORCH_EXTENSIONS_DIR=extensions, PYTHONPATH=str(REPO))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "WANDB_API_KEY"):
