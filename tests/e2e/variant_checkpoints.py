@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from megatron_entropy.data.dataset import Batch  # noqa: E402
+
 MODEL = dict(num_layers=2, hidden_size=32, num_heads=4, seq_length=16)
 BATCH = 2
 
@@ -129,7 +131,7 @@ def main(argv: list[str]) -> None:
             with torch.no_grad():
                 if pp > 1:
                     ref = {"input_ids": ids, "labels": lab,
-                           "loss": engine.eval_batch(batches(None, [0], lambda *_: (ids, lab), info.device),
+                           "loss": engine.eval_batch(batches(None, [0], lambda *_: Batch(ids, lab), info.device),
                                                      num_micro_batches=1).detach().float().reshape(1)}
                 else:
                     ref = {"input_ids": ids, "logits": engine(ids).float()}
